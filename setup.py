@@ -1,58 +1,136 @@
 """Build the deformable_detr._C extension (MSDA + assignment ops).
 
-Decisions, in order:
+Decisions, in order (the one taken and why is printed to stderr as ``[deformable_detr] ...`` lines and written to
+``deformable_detr/_build_info.json``, which ``python -m deformable_detr --version`` shows; pip shows setup.py's
+output only with ``pip install -v``):
 - DEFORMABLE_DETR_SKIP_CUDA=1            -> CPU-only CppExtension.
-- FORCE_CUDA=1 or a CUDA toolkit found    -> CUDAExtension (all csrc/**/cuda/*.cu are added).
-- otherwise                               -> CPU-only CppExtension.
-The toolkit is CUDA_HOME if set; else /usr/local/cuda when it holds bin/nvcc (the nvcc on PATH may be a
-wrapper script living outside the toolkit, which makes torch guess a wrong CUDA_HOME).
-TORCH_CUDA_ARCH_LIST and MAX_JOBS are honoured by torch.utils.cpp_extension itself.
+- torch is a CPU-only build               -> CPU-only.
+- a CUDA toolkit is found and validated   -> CUDAExtension (all csrc/**/cuda/*.cu are added).
+- otherwise                               -> CPU-only, with a one-line reason; FORCE_CUDA=1 turns that into an error.
+The toolkit is CUDA_HOME (or CUDA_PATH) if set; else /usr/local/cuda when it holds bin/nvcc; else the prefix of the
+nvcc on PATH. Validation: ``<toolkit>/bin/nvcc --version`` runs, its CUDA major version equals torch.version.cuda's,
+and ``<toolkit>/include/cuda_runtime.h`` exists (the nvcc on PATH may be a wrapper whose toolkit is gone).
+TORCH_CUDA_ARCH_LIST and MAX_JOBS are honoured by torch.utils.cpp_extension itself; without TORCH_CUDA_ARCH_LIST
+the visible GPUs' architectures are built, or DEFAULT_ARCH_LIST when no GPU is visible.
+A wheel with the compiled extension requires the torch major.minor it was built against (the C++ ABI of torch
+extensions is not stable across torch releases); a metadata-only install (DEFORMABLE_DETR_NO_EXT=1) any torch>=2.4.
 """
 
 import glob
+import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # Used only when TORCH_CUDA_ARCH_LIST is unset and no GPU is visible: Ampere, Ada, Hopper (+PTX for newer).
 DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
+BASE_REQUIREMENTS = ["torchvision>=0.19", "numpy>=1.22", "scipy>=1.9", "tqdm>=4.60"]
+ANY_TORCH = "torch>=2.4"
 
 
-def _find_cuda_home():
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-        return home
-    if os.path.exists("/usr/local/cuda/bin/nvcc"):
-        return "/usr/local/cuda"
-    nvcc = shutil.which("nvcc")
+def _log(message):
+    # stderr: the stream `python setup.py ...`, `pip install -v` and `python -m build` all show.
+    print(f"[deformable_detr] {message}", file=sys.stderr, flush=True)
+
+
+def _find_cuda_home(env=None, default_prefix="/usr/local/cuda"):
+    env = os.environ if env is None else env
+    home = env.get("CUDA_HOME") or env.get("CUDA_PATH")
+    if home:
+        return home  # explicit: validated (and reported) as given
+    if os.path.exists(os.path.join(default_prefix, "bin", "nvcc")):
+        return default_prefix
+    nvcc = shutil.which("nvcc", path=env.get("PATH"))
     if nvcc:
-        candidate = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-        if os.path.exists(os.path.join(candidate, "lib64")) or os.path.exists(os.path.join(candidate, "lib")):
-            return candidate
+        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
     return None
 
 
-def _flag(name):
-    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+def _nvcc_version(cuda_home):
+    """``(version, None)`` such as ``("13.0", None)``, or ``(None, reason)`` when nvcc does not run."""
+    nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    if not os.path.exists(nvcc):
+        return None, f"{nvcc} does not exist"
+    try:
+        proc = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as err:
+        return None, f"{nvcc} --version failed ({type(err).__name__}: {err})"
+    if proc.returncode != 0:
+        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
+        return None, f"{nvcc} --version failed (exit {proc.returncode}: {last[0][:120]})"
+    match = re.search(r"release (\d+)\.(\d+)", proc.stdout)
+    if not match:
+        return None, f"{nvcc} --version printed no 'release X.Y'"
+    return f"{match.group(1)}.{match.group(2)}", None
+
+
+def cuda_decision(env=None, torch_cuda="unset", default_prefix="/usr/local/cuda"):
+    """Whether to build the CUDA kernels: a dict with ``cuda`` (bool), ``reason`` (one line), ``cuda_home`` and
+    ``nvcc_version``. Raises SystemExit when FORCE_CUDA=1 asks for CUDA that cannot be built."""
+    env = os.environ if env is None else env
+    if torch_cuda == "unset":
+        import torch
+
+        torch_cuda = torch.version.cuda
+    decision = {"cuda": False, "cuda_home": None, "nvcc_version": None}
+    if _flag("DEFORMABLE_DETR_SKIP_CUDA", env):
+        return {**decision, "reason": "DEFORMABLE_DETR_SKIP_CUDA=1"}
+    reason = None
+    cuda_home = _find_cuda_home(env, default_prefix)
+    version = None
+    if torch_cuda is None:
+        reason = "this torch is a CPU-only build (torch.version.cuda is None)"
+    elif cuda_home is None:
+        reason = "no CUDA toolkit found (CUDA_HOME unset, no /usr/local/cuda/bin/nvcc, no nvcc on PATH)"
+    else:
+        version, reason = _nvcc_version(cuda_home)
+        if version and version.split(".")[0] != str(torch_cuda).split(".")[0]:
+            reason = (
+                f"the CUDA toolkit at {cuda_home} is {version}, torch was built with CUDA {torch_cuda} "
+                "(major versions must agree; set CUDA_HOME to a matching toolkit)"
+            )
+        elif version and not os.path.exists(os.path.join(cuda_home, "include", "cuda_runtime.h")):
+            reason = f"{cuda_home}/include/cuda_runtime.h is missing (an incomplete CUDA toolkit)"
+    decision.update(cuda_home=cuda_home, nvcc_version=version)
+    if reason is None:
+        return {
+            **decision,
+            "cuda": True,
+            "reason": f"CUDA toolkit {version} at {cuda_home} matches torch's {torch_cuda}",
+        }
+    if _flag("FORCE_CUDA", env):
+        raise SystemExit(f"[deformable_detr] FORCE_CUDA=1 but the CUDA kernels cannot be built: {reason}")
+    return {**decision, "reason": reason}
+
+
+def _flag(name, env=None):
+    env = os.environ if env is None else env
+    return env.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def torch_requirement(torch_version):
+    """The torch a built wheel needs: the same major.minor (``torch==2.14.*``)."""
+    major, minor = torch_version.split("+")[0].split(".")[:2]
+    return f"torch=={major}.{minor}.*"
 
 
 def _extensions():
-    cuda_home = None if _flag("DEFORMABLE_DETR_SKIP_CUDA") else _find_cuda_home()
-    use_cuda = not _flag("DEFORMABLE_DETR_SKIP_CUDA") and (cuda_home is not None or _flag("FORCE_CUDA"))
-    if use_cuda and cuda_home:
+    import torch
+
+    decision = cuda_decision()
+    use_cuda, cuda_home = decision["cuda"], decision["cuda_home"]
+    if use_cuda:
         # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME at import time.
         os.environ["CUDA_HOME"] = cuda_home
-
-    import torch
     from torch.utils import cpp_extension
 
-    if use_cuda and cuda_home:
+    if use_cuda:
         cpp_extension.CUDA_HOME = cuda_home
-    if use_cuda and torch.version.cuda is None:
-        print("[deformable_detr] torch is a CPU-only build: building the CPU-only extension")
-        use_cuda = False
 
     csrc = os.path.join("csrc")
     sources = sorted(p for p in glob.glob(os.path.join(csrc, "**", "*.cpp"), recursive=True) if "cmake_test" not in p)
@@ -75,16 +153,25 @@ def _extensions():
             "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
             "-U__CUDA_NO_HALF2_OPERATORS__",
         ]
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            # torch derives the list from the visible GPUs; with none it has nothing to go on.
-            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
-        arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "<torch default: the visible GPUs>")
-        print(f"[deformable_detr] building CUDA extension: CUDA_HOME={cuda_home}, TORCH_CUDA_ARCH_LIST={arch}")
-        print(f"[deformable_detr]   {len(cuda_sources)} CUDA sources: {cuda_sources}")
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            if torch.cuda.is_available():
+                # What torch would derive from the visible GPUs, made explicit so that it can be reported.
+                caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+                os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{a}.{b}" for a, b in caps)
+            else:
+                os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+        decision["arch_list"] = os.environ["TORCH_CUDA_ARCH_LIST"]
+        _log(
+            f"building CPU + CUDA kernels: {decision['reason']}; TORCH_CUDA_ARCH_LIST={decision['arch_list']} "
+            "(set it to build fewer architectures, e.g. 9.0; DEFORMABLE_DETR_SKIP_CUDA=1 for CPU only)"
+        )
     else:
         ext_cls = cpp_extension.CppExtension
-        print("[deformable_detr] building CPU-only extension (no CUDA toolkit found or DEFORMABLE_DETR_SKIP_CUDA=1)")
-    print(f"[deformable_detr]   MAX_JOBS={os.environ.get('MAX_JOBS', '<auto>')}")
+        _log(f"building CPU-only kernels: {decision['reason']}")
+    _log(
+        f"MAX_JOBS={os.environ.get('MAX_JOBS', '<auto>')}; the wheel will require {torch_requirement(torch.__version__)}"
+    )
+    decision.update(torch_version=torch.__version__, torch_cuda=torch.version.cuda)
     ext = ext_cls(
         "deformable_detr._C",
         sources,
@@ -93,16 +180,27 @@ def _extensions():
         extra_compile_args=extra,
         extra_link_args=["-fopenmp"] if os.name != "nt" else [],
     )
-    return [ext], cpp_extension.BuildExtension.with_options(no_python_abi_suffix=True)
+    base = cpp_extension.BuildExtension.with_options(no_python_abi_suffix=True)
+
+    class BuildExtension(base):
+        def run(self):
+            super().run()
+            # The decision travels with the built extension (in place or in the wheel): --version shows it.
+            out_dir = os.path.dirname(self.get_ext_fullpath("deformable_detr._C"))
+            with open(os.path.join(out_dir, "_build_info.json"), "w") as f:
+                json.dump(decision, f, indent=1)
+
+    return [ext], BuildExtension, torch_requirement(torch.__version__)
 
 
 def _setup():
     # DEFORMABLE_DETR_NO_EXT=1: metadata/editable install only; `make build` compiles in place (incrementally).
-    ext_modules, build_ext = ([], {}) if _flag("DEFORMABLE_DETR_NO_EXT") else _extensions()
+    ext_modules, build_ext, torch_req = ([], None, ANY_TORCH) if _flag("DEFORMABLE_DETR_NO_EXT") else _extensions()
     setup(
         packages=find_packages(include=["deformable_detr", "deformable_detr.*"]),
         ext_modules=ext_modules,
         cmdclass={"build_ext": build_ext} if build_ext else {},
+        install_requires=[torch_req, *BASE_REQUIREMENTS],
         include_package_data=True,
     )
 

@@ -84,6 +84,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     env = common.environment(device)
     env["mode"] = "quick" if args.quick else "full"
+    print(common.backend_line(device), file=sys.stderr, flush=True)
     env["suites"] = args.suites
     copy_gbps = None
     if device.type == "cuda":

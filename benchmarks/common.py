@@ -214,6 +214,14 @@ def device_slug(device: torch.device | str) -> str:
     return slugify(name if device.type == "cuda" else f"cpu-{name}")
 
 
+def backend_line(device: torch.device | str) -> str:
+    """Which MSDA backends this run measures, and how the compiled extension was built (or why it is missing)."""
+    from deformable_detr import available_backends
+    from deformable_detr._extension import build_summary
+
+    return f"MSDA backends on {torch.device(device).type}: {', '.join(available_backends(device))}; {build_summary()}"
+
+
 def environment(device: torch.device | str) -> dict:
     """What a reader needs to compare two result files: hardware, software versions, threads, commit, date."""
     device = torch.device(device)
@@ -346,9 +354,6 @@ def markdown_report(env: dict, rows: list[dict], title: str = "deformable-detr b
 
 def plot_speedups(rows: list[dict], path: Path, title: str) -> bool:
     """Horizontal bars of speed-up per (case, dtype, pass, backend); False when nothing to plot or no matplotlib."""
-    bars = [r for r in rows if r.get("speedup") and r.get("status", "ok") == "ok" and r.get("speedup") != 1.0]
-    if not bars:
-        return False
     try:
         import matplotlib
 
@@ -356,6 +361,23 @@ def plot_speedups(rows: list[dict], path: Path, title: str) -> bool:
         import matplotlib.pyplot as plt
     except Exception:
         return False
+    fig = speedup_figure(rows, title)
+    if fig is None:
+        return False
+    # "tight" grows the saved canvas to whatever text sticks out, so no label is ever cut.
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def speedup_figure(rows: list[dict], title: str):
+    """The figure of :func:`plot_speedups` (None when no row has a speed-up): value tags fit inside the axes and
+    the 1x line is labelled as the baseline."""
+    import matplotlib.pyplot as plt
+
+    bars = [r for r in rows if r.get("speedup") and r.get("status", "ok") == "ok" and r.get("speedup") != 1.0]
+    if not bars:
+        return None
     ambiguous = {
         suite
         for suite in {r.get("suite") for r in bars}
@@ -368,22 +390,31 @@ def plot_speedups(rows: list[dict], path: Path, title: str) -> bool:
             keys = tuple(k for k in keys if k != "shape")  # the shape text is long; only where names repeat
         labels.append(" ".join(str(r.get(k)) for k in keys if r.get(k) not in (None, "")))
     values = [r["speedup"] for r in bars]
-    fig, ax = plt.subplots(figsize=(11, 0.32 * len(bars) + 1.5))
+    # A baseline row's speed-up is exactly 1 (its time over itself).
+    baselines = sorted({str(r.get("backend")) for r in rows if r.get("speedup") == 1.0}) or ["the"]
+    fig, ax = plt.subplots(figsize=(11, 0.32 * len(bars) + 1.8))
     colors = ["tab:green" if v >= 1 else "tab:red" for v in values]
     ax.barh(range(len(bars)), values, color=colors)
     ax.set_yticks(range(len(bars)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.axvline(1.0, color="k", lw=0.8)
-    if max(values) / max(min(values), 1e-9) > 20:
+    low, high = min(min(values), 1.0), max(max(values), 1.0)
+    if high / max(low, 1e-9) > 20:
         ax.set_xscale("log")
+        # Room on the right for the "NN.N×" tags: about a third of a decade.
+        ax.set_xlim(low / 1.5, high * 2.5)
+    else:
+        ax.set_xlim(0, high * 1.18)
     for i, v in enumerate(values):
         ax.text(v, i, f" {v:.1f}×", va="center", fontsize=7)
-    ax.set_xlabel("speed-up vs baseline (higher is better)")
+    ax.text(
+        1.0, -0.01, f" 1× = {' / '.join(baselines)} baseline", transform=ax.get_xaxis_transform(),
+        va="top", ha="left", fontsize=7, style="italic",
+    )  # fmt: skip
+    ax.set_xlabel("speed-up vs baseline (higher is better)", labelpad=14)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return fig
 
 
 def _jsonable(obj):

@@ -12,8 +12,13 @@ import argparse
 import ast
 import json
 import sys
+import textwrap
 
+from deformable_detr.data.coco import LABEL_MAPS
+from deformable_detr.data.transforms import AUGMENTATIONS
 from deformable_detr.engine.config import AMP_MODES, MODELS, TrainConfig, coco_preset, demo_preset
+from deformable_detr.engine.predict import DEFAULT_THRESHOLD
+from deformable_detr.engine.preflight import MissingPackageError
 
 # CLI flag -> TrainConfig field, for the flags that override a preset only when given.
 _TRAIN_FIELDS = {
@@ -55,34 +60,144 @@ def _parse_override(text: str) -> tuple[str, object]:
     return key.strip(), value
 
 
+def _presets() -> dict[str, TrainConfig]:
+    return {
+        "synthetic": demo_preset("deformable_detr"),
+        "synthetic --model detr": demo_preset("detr"),
+        "COCO": coco_preset("deformable_detr"),
+        "COCO --model detr": coco_preset("detr"),
+    }
+
+
+def _preset_default(field: str) -> str:
+    """``default: X`` when every preset agrees, else each preset's value (merging equal neighbours)."""
+    values: dict[str, list[str]] = {}
+    for name, cfg in _presets().items():
+        value = getattr(cfg, field) if field != "num_queries" else _num_queries(cfg)
+        values.setdefault(str(value), []).append(name)
+    if len(values) == 1:
+        return f"default: {next(iter(values))}"
+    return "default: " + "; ".join(f"{v} ({', '.join(names)})" for v, names in values.items())
+
+
+def _num_queries(cfg: TrainConfig) -> int:
+    from deformable_detr.models import DeformableDETRConfig, DETRConfig
+
+    default = (DETRConfig if cfg.model == "detr" else DeformableDETRConfig)().num_queries
+    return cfg.model_overrides.get("num_queries", default)
+
+
+def _help(text: str, field: str) -> str:
+    return f"{text} ({_preset_default(field)})"
+
+
+def _set_keys_epilog() -> str:
+    import dataclasses
+
+    from deformable_detr.models import DeformableDETRConfig, DETRConfig
+
+    lines = ["--set KEY=VALUE keys (model config fields, with the package defaults; presets override some):"]
+    for cls in (DeformableDETRConfig, DETRConfig):
+        fields = [f"{f.name}={f.default!r}" for f in dataclasses.fields(cls) if f.name != "num_classes"]
+        lines.append(f"  {cls.__name__} (--model {'detr' if cls is DETRConfig else 'deformable_detr'}):")
+        lines.extend(textwrap.wrap(", ".join(fields), 100, initial_indent="    ", subsequent_indent="    "))
+    lines.append("  num_classes always comes from the dataset.")
+    return "\n".join(lines)
+
+
+TRAIN_EXAMPLES = """examples:
+  python -m deformable_detr train --data synthetic --output-dir runs/demo       # CPU demo, ~2-3 min on 2 cores
+  python -m deformable_detr train --data synthetic --output-dir runs/demo --epochs 8 --set hidden_dim=128
+  python -m deformable_detr train --resume runs/demo/checkpoint.pth --epochs 8  # train longer
+  torchrun --nproc-per-node 8 -m deformable_detr train --data /data/coco --output-dir runs/ddetr \\
+      --backbone-weights resnet50.pth --amp bf16                                   # the paper's recipe
+"""
+
+EVALUATE_EXAMPLES = """examples:
+  python -m deformable_detr evaluate --checkpoint runs/demo/checkpoint.pth
+  python -m deformable_detr evaluate --checkpoint runs/crowd/checkpoint.pth --split crowded \\
+      --image-size 320 --max-dets 300
+"""
+
+PREDICT_EXAMPLES = """examples:
+  python -m deformable_detr predict --checkpoint runs/demo/checkpoint.pth img1.png img2.jpg --output out/
+  python -m deformable_detr predict --checkpoint runs/demo/checkpoint.pth photos/*.jpg --output out/ --threshold 0.3
+"""
+
+
+def _subparser(sub, name: str, help_text: str, description: str, epilog: str):
+    return sub.add_parser(
+        name,
+        help=help_text,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a detector; writes checkpoint.pth, log.jsonl, eval.json, loss.png")
-    p.add_argument("--data", help="'synthetic' (built-in, generated on first use) or a COCO-format folder")
-    p.add_argument("--output-dir", help="where checkpoint.pth, log.jsonl, eval.json and loss.png go")
-    p.add_argument("--model", choices=MODELS)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="images per process")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--lr-backbone-mult", type=float, help="backbone lr = lr x this (0.1 in the originals)")
-    p.add_argument("--lr-linear-proj-mult", type=float, help="lr multiplier of sampling_offsets/reference_points")
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--lr-drop", type=int, help="epochs before the lr is multiplied by 0.1")
-    p.add_argument("--clip-max-norm", type=float, help="gradient clipping max norm (0 disables)")
-    p.add_argument("--seed", type=int)
+    p = _subparser(
+        sub,
+        "train",
+        "train a detector; writes checkpoint.pth, log.jsonl, eval.json, loss.png",
+        "Train a detector. Starts from a preset: the CPU demo for --data synthetic, the paper's COCO recipe\n"
+        "otherwise (per-preset defaults are listed below); flags given on the command line override it.\n"
+        "With --resume the checkpoint's own configuration is the starting point instead.",
+        TRAIN_EXAMPLES + "\n" + _set_keys_epilog(),
+    )
+    req = p.add_argument_group("required (unless --resume)")
+    req.add_argument("--data", help="'synthetic' (built in, generated on first use) or a COCO-format folder")
+    req.add_argument("--output-dir", help="where checkpoint.pth, log.jsonl, eval.json and loss.png go")
+    p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint.pth written by train (default: none)")
+    p.add_argument("--model", choices=MODELS, help="default: deformable_detr")
+    p.add_argument("--epochs", type=int, help=_help("number of epochs", "epochs"))
+    p.add_argument("--batch-size", type=int, help=_help("images per process", "batch_size"))
+    p.add_argument("--lr", type=float, help=_help("AdamW learning rate", "lr"))
+    p.add_argument("--lr-backbone-mult", type=float, help=_help("backbone lr = lr x this", "lr_backbone_mult"))
+    p.add_argument(
+        "--lr-linear-proj-mult",
+        type=float,
+        help=_help("lr multiplier of sampling_offsets / reference_points", "lr_linear_proj_mult"),
+    )
+    p.add_argument("--weight-decay", type=float, help=_help("AdamW weight decay", "weight_decay"))
+    p.add_argument("--lr-drop", type=int, help=_help("epochs before the lr is multiplied by 0.1", "lr_drop"))
+    p.add_argument("--clip-max-norm", type=float, help=_help("gradient clipping max norm, 0 disables", "clip_max_norm"))
+    p.add_argument("--seed", type=int, help=_help("random seed", "seed"))
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: this process's GPU if any, else cpu)")
-    p.add_argument("--amp", nargs="?", const="bf16", choices=AMP_MODES, help="autocast dtype (bare --amp: bf16)")
-    p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint.pth written by train")
-    p.add_argument("--backbone-weights", metavar="FILE", help="local torchvision ResNet state dict")
-    p.add_argument("--num-workers", type=int)
-    p.add_argument("--image-size", type=int, help="shortest side at eval (800 for COCO; train sizes scale with it)")
-    p.add_argument("--augmentation", choices=("detr", "flip", "none"))
-    p.add_argument("--label-map", choices=("contiguous", "category_id"))
-    p.add_argument("--train-split")
-    p.add_argument("--val-split")
-    p.add_argument("--eval-every", type=int, help="evaluate every N epochs (0: only at the end)")
-    p.add_argument("--max-dets", type=int, help="COCOeval detections per image (100; more for crowded data)")
-    p.add_argument("--max-steps-per-epoch", type=int)
-    p.add_argument("--num-queries", type=int, help="object queries (> objects per image; e.g. 300+ for crowds)")
+    p.add_argument(
+        "--amp",
+        nargs="?",
+        const="bf16",
+        choices=AMP_MODES,
+        help="autocast dtype; bare --amp means bf16 (default: none)",
+    )
+    p.add_argument(
+        "--backbone-weights", metavar="FILE", help="local torchvision ResNet state dict (default: random init)"
+    )
+    p.add_argument("--num-workers", type=int, help=_help("data loader worker processes", "num_workers"))
+    p.add_argument(
+        "--image-size", type=int, help=_help("shortest side at eval; train sizes scale with it", "image_size")
+    )
+    p.add_argument("--augmentation", choices=AUGMENTATIONS, help=_help("training augmentation", "augmentation"))
+    p.add_argument("--label-map", choices=LABEL_MAPS, help=_help("how category ids become labels", "label_map"))
+    p.add_argument("--train-split", help=_help("training split name", "train_split"))
+    p.add_argument("--val-split", help=_help("held-out split name", "val_split"))
+    p.add_argument(
+        "--eval-every", type=int, help=_help("evaluate every N epochs, 0: only after the last", "eval_every")
+    )
+    p.add_argument(
+        "--max-dets", type=int, help=_help("detections kept per image; AP/AR are computed at this cap", "max_dets")
+    )
+    p.add_argument(
+        "--max-steps-per-epoch",
+        type=int,
+        help=_help("cap on steps per epoch, none: whole dataset", "max_steps_per_epoch"),
+    )
+    p.add_argument(
+        "--num-queries",
+        type=int,
+        help=_help("object queries, more than the objects per image (e.g. 300+ for crowds)", "num_queries"),
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -90,36 +205,75 @@ def _add_train(sub) -> None:
         default=[],
         type=_parse_override,
         metavar="KEY=VALUE",
-        help="any model config field, e.g. --set hidden_dim=256 --set with_box_refine=True",
+        help="any model config field, repeatable, e.g. --set hidden_dim=256 --set with_box_refine=True "
+        "(keys listed below; default: the preset's)",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bars, per-epoch log lines only")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, per-epoch log lines only (default: off)")
 
 
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="COCO box metrics of a checkpoint; prints the table, writes JSON")
-    p.add_argument("--checkpoint", required=True)
+    p = _subparser(
+        sub,
+        "evaluate",
+        "COCO box metrics of a checkpoint; prints the table, writes JSON",
+        "COCO box metrics of a training checkpoint. Every setting defaults to the checkpoint's training run.",
+        EVALUATE_EXAMPLES,
+    )
+    req = p.add_argument_group("required")
+    req.add_argument("--checkpoint", required=True, metavar="CKPT", help="a checkpoint.pth written by train")
     p.add_argument("--data", help="'synthetic' or a COCO folder (default: what the checkpoint was trained on)")
-    p.add_argument("--split", help="split to evaluate (default: the checkpoint's val split)")
-    p.add_argument("--output", help="metrics JSON path (default: eval_<split>.json beside the checkpoint)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--device")
-    p.add_argument("--num-workers", type=int)
-    p.add_argument("--max-dets", type=int)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--split", help="split to evaluate, e.g. val2017, crowded (default: the checkpoint's val split)")
+    p.add_argument("--output", help="metrics JSON path (default: eval_<split folder>.json beside the checkpoint)")
+    p.add_argument("--image-size", type=int, help="shortest side images are resized to (default: the training one)")
+    p.add_argument("--batch-size", type=int, help="images per process (default: the training one)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: this process's GPU if any, else cpu)")
+    p.add_argument("--num-workers", type=int, help="data loader worker processes (default: the training one)")
+    p.add_argument(
+        "--max-dets", type=int, help="detections kept per image; AP/AR are computed at this cap (default: training's)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
 
 
 def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="draw detections (boxes, labels, scores) onto PNGs")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--output", required=True, metavar="DIR")
-    p.add_argument("--threshold", type=float, default=0.5, help="minimum score drawn (default 0.5)")
-    p.add_argument("--device")
+    p = _subparser(
+        sub,
+        "predict",
+        "draw detections (boxes, labels, scores) onto PNGs",
+        "Run a checkpoint on image files; writes OUTPUT/<image stem>.png with the detections drawn and\n"
+        "OUTPUT/predictions.json. A file that is not a readable image is skipped with a message.",
+        PREDICT_EXAMPLES,
+    )
+    req = p.add_argument_group("required")
+    req.add_argument("--checkpoint", required=True, metavar="CKPT", help="a checkpoint.pth written by train")
+    req.add_argument("--output", required=True, metavar="DIR", help="folder for the drawn PNGs and predictions.json")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        help="minimum score drawn and listed (default: the F1-optimal threshold on the validation split, stored in "
+        f"the checkpoint by train; {DEFAULT_THRESHOLD} for a checkpoint without one)",
+    )
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
+
+
+def _version() -> str:
+    import torch
+
+    from deformable_detr import __version__
+    from deformable_detr._extension import build_summary
+
+    return f"deformable-detr {__version__} (torch {torch.__version__}; {build_summary()})"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deformable_detr", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="deformable_detr",
+        description="Train, evaluate and run DETR / Deformable DETR detectors (python -m deformable_detr, or the "
+        "deformable-detr command).",
+        epilog="Run 'python -m deformable_detr COMMAND --help' for each command's flags, defaults and examples.",
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict}")
     _add_train(sub)
     _add_evaluate(sub)
     _add_predict(sub)
@@ -174,13 +328,21 @@ def main(argv: list[str] | None = None) -> int:
                 num_workers=args.num_workers,
                 max_dets=args.max_dets,
                 quiet=args.quiet,
+                image_size=args.image_size,
             )
         else:
             from deformable_detr.engine.predict import predict
 
-            for record in predict(args.checkpoint, args.images, args.output, args.threshold, args.device):
+            records = predict(args.checkpoint, args.images, args.output, args.threshold, args.device, verbose=True)
+            for record in records:
                 print(f"{record['image']}: {len(record['detections'])} detections -> {record['output']}")
-    except (FileNotFoundError, ValueError) as err:
+            skipped = len(args.images) - len(records)
+            print(
+                f"threshold {records[0]['threshold']:.3g}; wrote {args.output}/predictions.json"
+                + (f"; skipped {skipped} file(s), see above" if skipped else "")
+            )
+    except (OSError, ValueError, MissingPackageError) as err:
+        # User errors (missing or unreadable files, bad values, missing packages): one line, no traceback.
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

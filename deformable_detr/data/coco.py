@@ -38,6 +38,34 @@ def resolve_split(root: str | Path, split: str) -> tuple[Path, Path]:
     )
 
 
+_IMAGE_KEYS = ("id", "file_name", "width", "height")
+_ANNOTATION_KEYS = ("image_id", "bbox", "category_id")
+
+
+def read_annotation_file(path: str | Path) -> dict:
+    """Parse a COCO instances file; a ValueError naming the file (and the first bad entry) for anything that is not
+    one: empty, invalid JSON, no ``images`` list, entries without the keys the loader reads."""
+    path = Path(path)
+    text = path.read_text()
+    if not text.strip():
+        raise ValueError(f"annotations: {path} is empty (expected a COCO instances JSON file)")
+    try:
+        coco = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"annotations: {path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"
+        ) from None
+    if not isinstance(coco, dict) or not isinstance(coco.get("images"), list):
+        found = sorted(coco)[:6] if isinstance(coco, dict) else type(coco).__name__
+        raise ValueError(f"annotations: {path} has no 'images' list (found {found}); is it a COCO instances file?")
+    for section, keys in (("images", _IMAGE_KEYS), ("annotations", _ANNOTATION_KEYS), ("categories", ("id",))):
+        for index, entry in enumerate(coco.get(section, [])):
+            lacking = [k for k in keys if not isinstance(entry, dict) or k not in entry]
+            if lacking:
+                raise ValueError(f"annotations: {path}: {section}[{index}] has no {lacking} (needs {list(keys)})")
+    return coco
+
+
 class CocoDetection(torch.utils.data.Dataset):
     """``label_map="contiguous"`` numbers the categories 0..C-1 in id order (``num_classes = C``);
     ``"category_id"`` uses the raw ids as labels, as the original DETR code does on COCO (``num_classes = 91``) —
@@ -56,8 +84,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.annotation_file = Path(annotation_file)
         self.transforms = transforms
         self.label_map = label_map
-        with open(self.annotation_file) as f:
-            coco = json.load(f)
+        coco = read_annotation_file(self.annotation_file)
         self.categories = sorted(coco.get("categories", []), key=lambda c: c["id"])
         if not self.categories:
             raise ValueError(f"CocoDetection: {self.annotation_file} has no categories")
@@ -72,6 +99,12 @@ class CocoDetection(torch.utils.data.Dataset):
         for ann in coco.get("annotations", []):
             if ann["image_id"] in self._annotations:
                 self._annotations[ann["image_id"]].append(ann)
+
+    def missing_images(self) -> list[Path]:
+        """Image files the annotation file lists that do not exist (checked before training starts)."""
+        return [
+            self.image_dir / im["file_name"] for im in self.images if not (self.image_dir / im["file_name"]).is_file()
+        ]
 
     @property
     def num_classes(self) -> int:

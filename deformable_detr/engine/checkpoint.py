@@ -37,11 +37,23 @@ def save_checkpoint(path: str | os.PathLike, **contents) -> None:
 def load_checkpoint_file(path: str | os.PathLike) -> dict:
     """Read a checkpoint written by ``train``; a clear error for a missing file or a foreign checkpoint."""
     path = Path(path)
+    if path.is_dir():
+        hint = " (it holds a checkpoint.pth: pass that file)" if (path / "checkpoint.pth").is_file() else ""
+        raise IsADirectoryError(f"checkpoint: {path} is a directory, not a checkpoint file{hint}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: {path} does not exist")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint: {path} is empty (0 bytes)")
     # Our checkpoints hold numpy RNG state and plain dicts, which the weights_only unpickler rejects; they are
     # files this package wrote, loaded on the user's request.
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a damaged file
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"checkpoint: {path} could not be read ({reason}); is it a complete checkpoint.pth written by train "
+            "(a copy cut short is the usual cause)?"
+        ) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"checkpoint: {path} has no 'model' entry; is it a deformable_detr training checkpoint?")
     return ckpt

@@ -88,8 +88,8 @@ def coco_preset(model: str = "deformable_detr") -> TrainConfig:
 
 def demo_preset(model: str = "deformable_detr") -> TrainConfig:
     """CPU demo on the synthetic shapes: small images, ResNet-18 from random init, a narrow 2+2-layer
-    transformer. Chosen so that training + evaluation fit in about 10 minutes on 2 CPU cores (see
-    docs/pipeline.md for the measured figures)."""
+    transformer. Chosen so that training + evaluation fit in a few minutes on 2 CPU cores (README.md, "The CPU demo",
+    quotes the measured run committed under benchmarks/results/)."""
     small = {
         "backbone": "resnet18",
         "hidden_dim": 64,

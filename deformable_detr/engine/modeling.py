@@ -26,3 +26,19 @@ def build_components(config, max_dets: int = 100):
     postprocess = models.build_postprocess(config)
     postprocess.num_select = max_dets
     return model, criterion, postprocess
+
+
+def describe_backend(config, device) -> str:
+    """One line for the logs: which multi-scale deformable attention kernels the model runs on ``device``."""
+    import torch
+
+    from deformable_detr._extension import load_error
+    from deformable_detr.ops.ms_deform_attn import available_backends
+
+    if not hasattr(config, "num_feature_levels"):
+        return "MSDA backend: none (DETR uses standard attention)"
+    device = torch.device(device)
+    backend = getattr(config, "backend", None) or available_backends(device)[0]
+    if backend == "pytorch":
+        return f"MSDA backend: pytorch (the slow grid_sample reference; {load_error() or 'no faster backend here'})"
+    return f"MSDA backend: {backend} on {device.type}"

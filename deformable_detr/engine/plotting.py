@@ -22,17 +22,40 @@ def plot_losses(log_path: str | os.PathLike, out_path: str | os.PathLike) -> Pat
     records = read_log(log_path)
     if not records:
         raise ValueError(f"plot_losses: {log_path} has no records")
+    fig = loss_figure(records)
+    out_path = Path(out_path)
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+
+def loss_figure(records: list[dict]):
+    """The figure of :func:`plot_losses`. Every series has markers, so a single epoch shows as points rather than
+    an empty panel, and the epoch axis spans at least one epoch either side of the data."""
+    import matplotlib.pyplot as plt
+
     epochs = [r["epoch"] for r in records]
     loss_keys = sorted(k for k in records[-1] if k.startswith("train_loss"))
     eval_keys = [k for k in ("val_AP50", "val_AP") if any(k in r for r in records)]
     fig, axes = plt.subplots(1, 2 if eval_keys else 1, figsize=(12 if eval_keys else 7, 4.5), squeeze=False)
+    x_range = (min(epochs) - 0.5, max(epochs) + 0.5)
     ax = axes[0, 0]
     for key in loss_keys:
         values = [r.get(key, float("nan")) for r in records]
-        ax.plot(epochs, values, label=key.removeprefix("train_"), linewidth=2.5 if key == "train_loss" else 1.2)
-    ax.set_yscale("log")
+        ax.plot(
+            epochs, values, marker="o", markersize=4, label=key.removeprefix("train_"),
+            linewidth=2.5 if key == "train_loss" else 1.2,
+        )  # fmt: skip
+    positive = [r[k] for r in records for k in loss_keys if isinstance(r.get(k), (int, float)) and r[k] > 0]
+    if positive:
+        # Log scale over at least one decade, so a single epoch (or flat losses) gets a readable axis.
+        low, high = min(positive), max(positive)
+        ax.set_yscale("log")
+        ax.set_ylim(min(low, high / 10) / 1.3, high * 1.3)
+    ax.set_xlim(*x_range)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("epoch")
+    ax.set_ylabel("loss (log scale)")
     ax.set_title("training losses")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -43,7 +66,7 @@ def plot_losses(log_path: str | os.PathLike, out_path: str | os.PathLike) -> Pat
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=key.removeprefix("val_"))
             for x, y in points[-1:]:
                 ax.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(-30, 6))
-        ax.set_xlim(axes[0, 0].get_xlim())
+        ax.set_xlim(*x_range)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("epoch")
         ax.set_ylim(0, 1)
@@ -51,7 +74,4 @@ def plot_losses(log_path: str | os.PathLike, out_path: str | os.PathLike) -> Pat
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    out_path = Path(out_path)
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-    return out_path
+    return fig

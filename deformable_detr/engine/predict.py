@@ -4,20 +4,31 @@ from __future__ import annotations
 
 import colorsys
 import json
+import sys
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from torchvision import tv_tensors
 
 from deformable_detr.data import make_transforms
 from deformable_detr.engine.checkpoint import load_checkpoint_file
 from deformable_detr.engine.config import TrainConfig
-from deformable_detr.engine.modeling import build_components, model_config_from_dict
+from deformable_detr.engine.modeling import build_components, describe_backend, model_config_from_dict
+
+# predict's score threshold when the checkpoint carries none (one trained before thresholds were stored, or never
+# evaluated); checkpoints written by train hold the F1-optimal threshold of their last evaluation.
+DEFAULT_THRESHOLD = 0.5
 
 
 class Predictor:
-    """A trained model, its eval transform and its label names, from a checkpoint written by ``train``."""
+    """A trained model, its eval transform and its label names, from a checkpoint written by ``train``.
+
+    ``predictor(image)`` takes one PIL image and returns one dict; ``predictor([im1, im2, ...])`` runs them as one
+    batch and returns a list. ``score_threshold`` is the checkpoint's F1-optimal threshold on its validation split
+    (``DEFAULT_THRESHOLD`` when it has none); the returned detections are not filtered by it.
+    """
 
     def __init__(self, checkpoint: str | Path, device: str | torch.device = "cpu"):
         ckpt = load_checkpoint_file(checkpoint)
@@ -31,25 +42,33 @@ class Predictor:
         self.label_to_category = ckpt.get("label_to_category", list(range(self.model_config.num_classes)))
         names = ckpt.get("category_names") or {}
         self.category_names = {int(k): v for k, v in names.items()}
+        self.score_threshold = float(ckpt.get("score_threshold", DEFAULT_THRESHOLD))
         self.transform = make_transforms(
             False, image_size=self.train_config.image_size, max_size=self.train_config.max_size
         )
 
-    @torch.no_grad()
-    def __call__(self, image: Image.Image) -> dict:
-        """Detections for one PIL image: ``scores`` [K], ``labels`` [K], ``boxes`` [K, 4] xyxy in its pixels."""
-        image = image.convert("RGB")
+    def _prepare(self, image: Image.Image) -> torch.Tensor:
         empty = {
             "boxes": tv_tensors.BoundingBoxes(
                 torch.zeros(0, 4), format="XYXY", canvas_size=(image.height, image.width)
             ),
             "labels": torch.zeros(0, dtype=torch.int64),
         }
-        tensor, _ = self.transform(image, empty)
-        outputs = self.model([tensor.to(self.device)])
-        size = torch.tensor([[image.height, image.width]], device=self.device)
-        result = self.postprocess(outputs, size)[0]
-        return {k: v.cpu() for k, v in result.items()}
+        tensor, _ = self.transform(image.convert("RGB"), empty)
+        return tensor.to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, images: Image.Image | Sequence[Image.Image]) -> dict | list[dict]:
+        """Detections per PIL image: ``scores`` [K], ``labels`` [K], ``boxes`` [K, 4] xyxy in that image's pixels.
+        One image -> one dict; a list (a batch, any sizes) -> a list of dicts."""
+        single = isinstance(images, Image.Image)
+        batch = [images] if single else list(images)
+        if not batch:
+            return []
+        outputs = self.model([self._prepare(im) for im in batch])
+        sizes = torch.tensor([[im.height, im.width] for im in batch], device=self.device)
+        results = [{k: v.cpu() for k, v in r.items()} for r in self.postprocess(outputs, sizes)]
+        return results[0] if single else results
 
     def label_name(self, label: int) -> str:
         return self.category_names.get(label, str(label))
@@ -88,31 +107,58 @@ def draw_detections(image: Image.Image, detections: dict, names, threshold: floa
     return canvas
 
 
+def _open_image(path: Path) -> Image.Image:
+    """The RGB image at ``path``, or a ValueError saying in one line why it is not one."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; pass image files (e.g. {path}/*.png)")
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes)")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:  # PIL: unknown format, truncated data
+        reason = "not an image PIL can read" if isinstance(err, UnidentifiedImageError) else str(err)
+        raise ValueError(f"{path} is not a readable image ({reason})") from None
+
+
 def predict(
     checkpoint: str | Path,
     images: list[str | Path],
     output_dir: str | Path,
-    threshold: float = 0.5,
+    threshold: float | None = None,
     device: str | None = None,
+    on_skip: Callable[[str], None] | None = None,
+    verbose: bool = False,
 ) -> list[dict]:
     """Write ``output_dir/<image stem>.png`` with drawn detections and ``output_dir/predictions.json`` (boxes in
-    the input image's pixels; small images are drawn enlarged, see :func:`draw_detections`)."""
+    the input image's pixels; small images are drawn enlarged, see :func:`draw_detections`).
+
+    ``threshold`` None -> the checkpoint's F1-optimal threshold (see :class:`Predictor`). A file that is not a
+    readable image is skipped: ``on_skip`` (default: print to stderr) gets one line naming it; a ValueError only
+    when no image could be read. ``verbose`` prints which attention backend runs."""
     if not images:
         raise ValueError("predict: no images given")
-    missing = [str(p) for p in images if not Path(p).is_file()]
-    if missing:
-        raise FileNotFoundError(f"predict: image file(s) not found: {missing}")
-    if not 0.0 <= threshold <= 1.0:
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ValueError(f"predict: threshold must be in [0, 1], got {threshold}")
+    on_skip = on_skip or (lambda message: print(message, file=sys.stderr))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     predictor = Predictor(checkpoint, device)
+    if verbose:
+        print(describe_backend(predictor.model_config, predictor.device), flush=True)
+    threshold = predictor.score_threshold if threshold is None else threshold
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = []
+    records, skipped = [], []
     for path in images:
         path = Path(path)
-        with Image.open(path) as im:
-            image = im.convert("RGB")
+        try:
+            image = _open_image(path)
+        except ValueError as err:
+            skipped.append(str(path))
+            on_skip(f"predict: skipped {err}")
+            continue
         detections = predictor(image)
         out_path = out_dir / f"{path.stem}.png"
         draw_detections(image, detections, predictor.label_name, threshold).save(out_path)
@@ -121,6 +167,7 @@ def predict(
             {
                 "image": str(path),
                 "output": str(out_path),
+                "threshold": threshold,
                 "detections": [
                     {
                         "label": predictor.label_name(int(label)),
@@ -134,5 +181,7 @@ def predict(
                 ],
             }
         )
+    if not records:
+        raise ValueError(f"predict: none of the {len(images)} file(s) is a readable image")
     (out_dir / "predictions.json").write_text(json.dumps(records, indent=1) + "\n")
     return records

@@ -26,9 +26,10 @@ from deformable_detr.engine import distributed as du
 from deformable_detr.engine.checkpoint import load_checkpoint_file, rng_state, save_checkpoint, set_rng_state
 from deformable_detr.engine.config import TrainConfig, model_config
 from deformable_detr.engine.evaluator import CocoEvaluator
-from deformable_detr.engine.modeling import build_components, model_config_from_dict
+from deformable_detr.engine.modeling import build_components, describe_backend, model_config_from_dict
 from deformable_detr.engine.optim import build_optimizer, build_scheduler
 from deformable_detr.engine.plotting import plot_losses
+from deformable_detr.engine.preflight import check_images, check_packages
 
 EVAL_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -186,7 +187,11 @@ def _train(cfg: TrainConfig, info: du.DistInfo, device: torch.device) -> dict:
     show = info.is_main and not cfg.quiet
     resume = load_checkpoint_file(cfg.resume) if cfg.resume else None
     _seed_all(_epoch_seed(cfg.seed, -1, info.rank))
+    # Before any work: what the last step (evaluation, the plot) needs, and every image of both splits.
+    check_packages("train")
     train_set, val_set = _datasets(cfg, info)
+    check_images(train_set, f"train split {cfg.train_split!r}")
+    check_images(val_set, f"val split {cfg.val_split!r}")
     if resume is not None:
         mcfg = model_config_from_dict(resume["model_name"], resume["model_config"])
         if mcfg.num_classes != train_set.num_classes:
@@ -224,6 +229,7 @@ def _train(cfg: TrainConfig, info: du.DistInfo, device: torch.device) -> dict:
         f"images, {info.world_size} process(es) on {device.type}",
         info,
     )
+    _log(describe_backend(mcfg, device), info)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         if start_epoch == 0:
@@ -231,6 +237,7 @@ def _train(cfg: TrainConfig, info: du.DistInfo, device: torch.device) -> dict:
     evaluator_args = (val_set.annotation_file, val_set.label_to_category, cfg.max_dets)
     val_loader = make_loader(val_set, cfg, info, train=False)
     metrics: dict = {}
+    score_threshold = resume.get("score_threshold") if resume is not None else None
     for epoch in range(start_epoch, cfg.epochs):
         start = time.time()
         _seed_all(_epoch_seed(cfg.seed, epoch, info.rank))
@@ -239,31 +246,40 @@ def _train(cfg: TrainConfig, info: du.DistInfo, device: torch.device) -> dict:
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         record = {"epoch": epoch, "steps": steps, "lr": lr, **{f"train_{k}": v for k, v in stats.items()}}
+        # All ranks' RNG states, so every process continues its own stream after a resume.
+        rng_states = du.all_gather_objects(rng_state())
+        checkpoint = dict(
+            model=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            lr_scheduler=scheduler.state_dict(),
+            scaler=scaler.state_dict(),
+            epoch=epoch,
+            config=cfg.to_dict(),
+            model_name=cfg.model,
+            model_config=_asdict(mcfg),
+            label_to_category=train_set.label_to_category,
+            category_names=train_set.category_names,
+            rng_states=rng_states,
+        )
+        if score_threshold is not None:
+            checkpoint["score_threshold"] = score_threshold
+        # Saved before evaluating, so that a failing evaluation never costs the epoch's training.
+        if info.is_main:
+            save_checkpoint(out_dir / "checkpoint.pth", **checkpoint)
         last = epoch == cfg.epochs - 1
         if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
             evaluator = CocoEvaluator(*evaluator_args)
             metrics = evaluate(model, postprocess, val_loader, evaluator, device, cfg.amp, show, show)
             record.update({f"val_{k}": metrics[k] for k in EVAL_KEYS})
+            score_threshold = metrics.get("score_threshold")
+            if info.is_main and score_threshold is not None:
+                # predict's default threshold: the F1-optimal one on this evaluation (see CocoEvaluator).
+                checkpoint["score_threshold"] = score_threshold
+                save_checkpoint(out_dir / "checkpoint.pth", **checkpoint)
         record["time"] = time.time() - start
         # CPU seconds of this process so far: a load-independent cost figure on shared machines.
         record["process_cpu_s"] = time.process_time()
-        # All ranks' RNG states, so every process continues its own stream after a resume.
-        rng_states = du.all_gather_objects(rng_state())
         if info.is_main:
-            save_checkpoint(
-                out_dir / "checkpoint.pth",
-                model=model.state_dict(),
-                optimizer=optimizer.state_dict(),
-                lr_scheduler=scheduler.state_dict(),
-                scaler=scaler.state_dict(),
-                epoch=epoch,
-                config=cfg.to_dict(),
-                model_name=cfg.model,
-                model_config=_asdict(mcfg),
-                label_to_category=train_set.label_to_category,
-                category_names=train_set.category_names,
-                rng_states=rng_states,
-            )
             with open(out_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             summary = " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float))
@@ -305,13 +321,26 @@ def evaluate_checkpoint(
     num_workers: int | None = None,
     max_dets: int | None = None,
     quiet: bool = False,
+    image_size: int | None = None,
 ) -> dict:
     """COCO metrics of a training checkpoint on ``data``/``split`` (default: the ones it was trained with);
     prints the COCO table and writes the metrics as JSON to ``output`` (default ``eval_<split>.json`` beside the
-    checkpoint). Runs distributed under torchrun like ``train``."""
+    checkpoint, ``<split>`` being the split's folder name, so ``crowded`` and ``crowded2017`` share one file).
+    ``image_size`` (default: the training one) is the shortest side images are resized to. Runs distributed under
+    torchrun like ``train``."""
+    check_packages("evaluate", {"pycocotools": "pycocotools"})
     ckpt = load_checkpoint_file(checkpoint)
     cfg = TrainConfig.from_dict(ckpt.get("config", {}))
-    for name, value in (("data", data), ("val_split", split), ("batch_size", batch_size), ("device", device)):
+    # The synthetic data are those of training, whatever size they are evaluated at.
+    spec = synthetic_spec(cfg)
+    overrides = (
+        ("data", data),
+        ("val_split", split),
+        ("batch_size", batch_size),
+        ("device", device),
+        ("image_size", image_size),
+    )
+    for name, value in overrides:
         if value is not None:
             setattr(cfg, name, value)
     if num_workers is not None:
@@ -331,7 +360,7 @@ def evaluate_checkpoint(
             image_size=cfg.image_size,
             max_size=cfg.max_size,
             label_map=cfg.label_map,
-            synthetic_spec=synthetic_spec(cfg),
+            synthetic_spec=spec,
         )
         mcfg = model_config_from_dict(ckpt.get("model_name", cfg.model), ckpt["model_config"])
         if mcfg.num_classes != val_set.num_classes:
@@ -342,6 +371,8 @@ def evaluate_checkpoint(
         model, _, postprocess = build_components(mcfg, cfg.max_dets)
         model.load_state_dict(ckpt["model"])
         model.to(dev)
+        if info.is_main and not quiet:
+            print(describe_backend(mcfg, dev), flush=True)
         loader = make_loader(val_set, cfg, info, train=False)
         evaluator = CocoEvaluator(val_set.annotation_file, val_set.label_to_category, cfg.max_dets)
         metrics = evaluate(
@@ -355,7 +386,7 @@ def evaluate_checkpoint(
             verbose=info.is_main,
         )
         if info.is_main:
-            out = Path(output) if output else Path(checkpoint).parent / f"eval_{cfg.val_split}.json"
+            out = Path(output) if output else Path(checkpoint).parent / f"eval_{val_set.image_dir.name}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(metrics, indent=1) + "\n")
             if not quiet:

@@ -1,0 +1,99 @@
+"""Issue 16, item 4: setup.py validates the CUDA toolkit before building CUDA kernels (fake toolkits in temp dirs,
+no compile), and the wheel carries py.typed and says which torch it needs."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup_module_():
+    spec = importlib.util.spec_from_file_location("dd_setup", REPO / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # setup() itself only runs under __main__
+    return module
+
+
+def _toolkit(root: Path, nvcc_script: str, runtime_header: bool = True) -> Path:
+    (root / "bin").mkdir(parents=True)
+    nvcc = root / "bin" / "nvcc"
+    nvcc.write_text("#!/bin/sh\n" + nvcc_script)
+    nvcc.chmod(0o755)
+    (root / "include").mkdir()
+    if runtime_header:
+        (root / "include" / "cuda_runtime.h").write_text("")
+    return root
+
+
+RELEASE = 'echo "Cuda compilation tools, release {v}, V{v}.1"\n'
+
+
+def _decide(module, tmp_path, env, torch_cuda="13.0"):
+    return module.cuda_decision(env={"PATH": "/nonexistent", **env}, torch_cuda=torch_cuda,
+                                default_prefix=str(tmp_path / "no-default"))  # fmt: skip
+
+
+def test_broken_nvcc_on_path_falls_back_to_cpu_with_a_reason(setup_module_, tmp_path):
+    """The reported case: an nvcc wrapper on PATH whose toolkit is gone (it exits 127)."""
+    prefix = _toolkit(tmp_path / "usr", "echo 'nvcc: toolkit not found' >&2; exit 127\n", runtime_header=False)
+    (prefix / "lib").mkdir()
+    decision = _decide(setup_module_, tmp_path, {"PATH": str(prefix / "bin")})
+    assert decision["cuda"] is False
+    assert "exit 127" in decision["reason"] and "toolkit not found" in decision["reason"]
+
+
+def test_toolkit_major_must_match_torch(setup_module_, tmp_path):
+    home = _toolkit(tmp_path / "cuda", RELEASE.format(v="12.4"))
+    decision = _decide(setup_module_, tmp_path, {"CUDA_HOME": str(home)})
+    assert decision["cuda"] is False and "12.4" in decision["reason"] and "13.0" in decision["reason"]
+    assert _decide(setup_module_, tmp_path, {"CUDA_HOME": str(home)}, torch_cuda="12.8")["cuda"] is True
+
+
+def test_valid_toolkit_and_the_other_fallbacks(setup_module_, tmp_path):
+    home = _toolkit(tmp_path / "cuda", RELEASE.format(v="13.0"))
+    ok = _decide(setup_module_, tmp_path, {"CUDA_HOME": str(home)})
+    assert ok["cuda"] is True and ok["nvcc_version"] == "13.0" and ok["cuda_home"] == str(home)
+    skip = _decide(setup_module_, tmp_path, {"CUDA_HOME": str(home), "DEFORMABLE_DETR_SKIP_CUDA": "1"})
+    assert skip == {**skip, "cuda": False, "reason": "DEFORMABLE_DETR_SKIP_CUDA=1"}
+    cpu_torch = _decide(setup_module_, tmp_path, {"CUDA_HOME": str(home)}, torch_cuda=None)
+    assert cpu_torch["cuda"] is False and "CPU-only build" in cpu_torch["reason"]
+    none = _decide(setup_module_, tmp_path, {})
+    assert none["cuda"] is False and "no CUDA toolkit found" in none["reason"]
+    headerless = _toolkit(tmp_path / "partial", RELEASE.format(v="13.0"), runtime_header=False)
+    assert "cuda_runtime.h" in _decide(setup_module_, tmp_path, {"CUDA_HOME": str(headerless)})["reason"]
+
+
+def test_force_cuda_turns_the_fallback_into_an_error(setup_module_, tmp_path):
+    home = _toolkit(tmp_path / "cuda", "exit 127\n")
+    with pytest.raises(SystemExit, match="FORCE_CUDA=1 but"):
+        _decide(setup_module_, tmp_path, {"CUDA_HOME": str(home), "FORCE_CUDA": "1"})
+
+
+def test_built_wheel_requires_its_torch_minor(setup_module_):
+    assert setup_module_.torch_requirement("2.14.1+cu130") == "torch==2.14.*"
+    assert setup_module_.torch_requirement("2.5.0") == "torch==2.5.*"
+
+
+def test_wheel_has_py_typed_and_its_requirements(tmp_path):
+    """A metadata-only wheel (no compile): py.typed is packaged, torch>=2.4 required."""
+    env = {**os.environ, "DEFORMABLE_DETR_NO_EXT": "1"}
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-index", "-q",
+           "-w", str(tmp_path), str(REPO)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = tmp_path.glob("deformable_detr-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        metadata = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert "deformable_detr/py.typed" in names
+    assert "Requires-Dist: torch>=2.4" in metadata
+    assert "Provides-Extra: train" in metadata and "pycocotools" in metadata
