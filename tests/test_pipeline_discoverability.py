@@ -14,7 +14,6 @@ import matplotlib
 import pytest
 
 from deformable_detr.cli import build_parser, main
-from deformable_detr.engine.plotting import loss_figure
 
 matplotlib.use("Agg")
 REPO = Path(__file__).resolve().parents[1]
@@ -117,6 +116,8 @@ def test_docs_name_only_what_a_user_has():
 
 
 def test_one_epoch_loss_plot_has_points_and_a_sensible_axis():
+    from deformable_detr.engine.plotting import loss_figure
+
     record = {"epoch": 0, "train_loss": 6.4, "train_loss_ce": 1.2, "train_loss_bbox": 0.6, "val_AP50": 0.3}
     fig = loss_figure([record])
     for ax in fig.axes:

@@ -17,8 +17,8 @@ from deformable_detr.cli import main
 from deformable_detr.data import CocoDetection, SyntheticSpec, prepare_synthetic
 from deformable_detr.engine import trainer
 from deformable_detr.engine.checkpoint import load_checkpoint_file
-from deformable_detr.engine.evaluator import CocoEvaluator, f1_optimal_threshold
-from deformable_detr.engine.predict import DEFAULT_THRESHOLD, Predictor
+from deformable_detr.engine.evaluator import CocoEvaluator
+from deformable_detr.engine.predict import Predictor
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +206,8 @@ def test_predictor_takes_a_batch(trained, data_root):
 
 
 def test_default_threshold_is_the_f1_optimal_one(trained, data_root, tmp_path):
+    from deformable_detr.engine.predict import DEFAULT_THRESHOLD
+
     ckpt = load_checkpoint_file(trained / "checkpoint.pth")
     threshold = ckpt["score_threshold"]
     assert 0.0 < threshold < 1.0
@@ -224,6 +226,8 @@ def test_default_threshold_is_the_f1_optimal_one(trained, data_root, tmp_path):
 def test_f1_optimal_threshold_separates_hits_from_false_positives(tmp_path):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
+
+    from deformable_detr.engine.evaluator import f1_optimal_threshold
 
     path, boxes = _gt_file(tmp_path, 10)
     gt = COCO(str(path))
