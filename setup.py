@@ -61,8 +61,9 @@ def _nvcc_version(cuda_home):
     except (OSError, subprocess.SubprocessError) as err:
         return None, f"{nvcc} --version failed ({type(err).__name__}: {err})"
     if proc.returncode != 0:
-        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
-        return None, f"{nvcc} --version failed (exit {proc.returncode}: {last[0][:120]})"
+        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
+        detail = f": {last[0][:120]}" if last else ""
+        return None, f"{nvcc} --version failed (exit {proc.returncode}{detail})"
     match = re.search(r"release (\d+)\.(\d+)", proc.stdout)
     if not match:
         return None, f"{nvcc} --version printed no 'release X.Y'"
@@ -95,7 +96,10 @@ def cuda_decision(env=None, torch_cuda="unset", default_prefix="/usr/local/cuda"
                 "(major versions must agree; set CUDA_HOME to a matching toolkit)"
             )
         elif version and not os.path.exists(os.path.join(cuda_home, "include", "cuda_runtime.h")):
-            reason = f"{cuda_home}/include/cuda_runtime.h is missing (an incomplete CUDA toolkit)"
+            reason = (
+                f"{cuda_home}/include/cuda_runtime.h is missing (not a complete CUDA toolkit; "
+                "set CUDA_HOME to the toolkit's prefix)"
+            )
     decision.update(cuda_home=cuda_home, nvcc_version=version)
     if reason is None:
         return {

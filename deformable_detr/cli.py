@@ -74,7 +74,7 @@ def _preset_default(field: str) -> str:
     values: dict[str, list[str]] = {}
     for name, cfg in _presets().items():
         value = getattr(cfg, field) if field != "num_queries" else _num_queries(cfg)
-        values.setdefault(str(value), []).append(name)
+        values.setdefault("none" if value is None else str(value), []).append(name)
     if len(values) == 1:
         return f"default: {next(iter(values))}"
     return "default: " + "; ".join(f"{v} ({', '.join(names)})" for v, names in values.items())
@@ -265,6 +265,17 @@ def _version() -> str:
     return f"deformable-detr {__version__} (torch {torch.__version__}; {build_summary()})"
 
 
+class _VersionAction(argparse.Action):
+    """--version, computed only when asked (it loads the extension) and printed unwrapped."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(_version())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deformable_detr",
@@ -272,7 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
         "deformable-detr command).",
         epilog="Run 'python -m deformable_detr COMMAND --help' for each command's flags, defaults and examples.",
     )
-    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument(
+        "--version", action=_VersionAction, help="print the version, torch's, and how the extension was built"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict}")
     _add_train(sub)
     _add_evaluate(sub)
