@@ -125,6 +125,8 @@ def test_one_epoch_loss_plot_has_points_and_a_sensible_axis():
         assert lines and all(line.get_marker() not in (None, "None", "") for line in lines)
         low, high = ax.get_xlim()
         assert low <= -0.5 and high >= 0.5, (low, high)
+        ticks = [t for t in ax.get_xticks() if low <= t <= high]
+        assert ticks == [0.0], ticks  # whole epochs only
     low, high = fig.axes[0].get_ylim()
     assert low < 0.6 and high > 6.4 and high / low >= 10
 

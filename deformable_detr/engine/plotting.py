@@ -33,6 +33,7 @@ def loss_figure(records: list[dict]):
     """The figure of :func:`plot_losses`. Every series has markers, so a single epoch shows as points rather than
     an empty panel, and the epoch axis spans at least one epoch either side of the data."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in records]
     loss_keys = sorted(k for k in records[-1] if k.startswith("train_loss"))
@@ -53,7 +54,7 @@ def loss_figure(records: list[dict]):
         ax.set_yscale("log")
         ax.set_ylim(min(low, high / 10) / 1.3, high * 1.3)
     ax.set_xlim(*x_range)
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss (log scale)")
     ax.set_title("training losses")
@@ -67,7 +68,7 @@ def loss_figure(records: list[dict]):
             for x, y in points[-1:]:
                 ax.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(-30, 6))
         ax.set_xlim(*x_range)
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.set_xlabel("epoch")
         ax.set_ylim(0, 1)
         ax.set_title("held-out COCO metrics")
