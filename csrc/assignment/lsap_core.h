@@ -78,12 +78,18 @@ LSAP_HOST_DEVICE_INLINE Orientation orient(int64_t rows, int64_t cols) {
                      transpose};
 }
 
+// A cost read as float64.
+template <typename T>
+LSAP_HOST_DEVICE_INLINE double widen(T x) {
+  return static_cast<double>(x);
+}
+
 // Row i of the working problem, read as float64 (a float32 cost widens exactly).
 template <typename T>
 struct StridedRow {
   const T* data;
   int64_t stride;
-  LSAP_HOST_DEVICE_INLINE double operator()(int32_t j) const { return static_cast<double>(data[j * stride]); }
+  LSAP_HOST_DEVICE_INLINE double operator()(int32_t j) const { return widen(data[j * stride]); }
 };
 
 template <typename T>
