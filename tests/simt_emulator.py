@@ -15,7 +15,7 @@ SOURCES = ["simt.cpp", "device.cpp", "msda.cpp", "lsap.cpp", "selftest.cpp", "mo
 PLACEMENTS = {"aligned": 0, "flush_front": 1, "flush_end": 2}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load():
     from torch.utils import cpp_extension
 
