@@ -166,3 +166,33 @@ def test_exact_pixel_edges():
         assert max_err(result[2][keep], want[2][keep]) <= 1e-12
         # At -1 the kernel's one-sided gradient is the outside one: exactly zero.
         assert not result[2][..., 0][edge_x].any() and not result[2][..., 1][edge_y].any()
+
+
+def test_exact_pixel_edges_float32_rounding():
+    """float32 pixel centres x = (i + 0.5) / W with W not a power of two: the emulator (host build, no FMA) forms
+    w_im = round(round(x * W) - 0.5), the oracle the exact float64 value, so near an integer they can floor to
+    different sides. Exactly the entries where the two floors differ (or either is -1) are excluded."""
+    W_H = [(5, 3), (7, 6)]
+    value, shapes, starts, locations, weights = random_inputs(
+        1, 16, 1, 4, [(h, w) for w, h in W_H], 3, torch.float32, device="cpu"
+    )
+    g = torch.Generator().manual_seed(11)
+    sizes = torch.tensor([[w, h] for w, h in W_H], dtype=torch.float32)  # (L, 2): x scales with W, y with H
+    for level, (w, h) in enumerate(W_H):
+        for axis, n in ((0, w), (1, h)):
+            idx = torch.randint(-1, n + 1, locations[:, :, :, level, :, axis].shape, generator=g)
+            locations[:, :, :, level, :, axis] = ((idx.double() + 0.5) / n).float()
+    im32 = locations * sizes[None, None, None, :, None, :] - 0.5  # float32, two roundings (as the emulator)
+    im64 = locations.double() * sizes.double()[None, None, None, :, None, :] - 0.5
+    one_sided = (im32.floor() != im64.floor()) | (im32 == -1) | (im64 == -1)
+    assert (im32.floor() != im64.floor()).any() and one_sided.any()
+    grad_output = torch.randn(1, 16, 4, generator=g)
+    from test_msda_cuda import forward_backward
+
+    inputs = [value, shapes, starts, locations, weights]
+    want = forward_backward(oracle, inputs, grad_output, as_double=True)
+    for result in emulate_all(inputs, grad_output).values():
+        for i in (0, 1, 3):
+            assert max_err(result[i], want[i]) <= 2e-5 * (1 + want[i].abs().max().item())
+        keep = ~one_sided
+        assert max_err(result[2][keep], want[2][keep]) <= 2e-5 * (1 + want[2].abs().max().item())
