@@ -38,11 +38,12 @@ def random_msda_case(rng: random.Random, i: int):
         D = rng.choice(launch_shape_cases(dtype))
     else:
         D = rng.choice([1, 2, 3, 4, 5, 7, 8, 12, 16, 24, 31, 32, 33, 48, 64, 96, 128, 130, 256, 264])
-    L = rng.randint(1, 4)
+    L = rng.randint(1, 3)
     shapes = [(rng.randint(1, 6), rng.randint(1, 6)) for _ in range(L)]
     if rng.random() < 0.3:
         shapes[rng.randrange(L)] = (1, 1)
-    N, Q, M, P = rng.randint(1, 2), rng.randint(1, 40), rng.randint(1, 4), rng.randint(1, 4)
+    # Small heads x samples: every shuffle round is a fiber switch per lane, the emulator's main cost.
+    N, Q, M, P = rng.randint(1, 2), rng.randint(1, 20), rng.randint(1, 3), rng.randint(1, 3)
     config = dict(
         placement=rng.choice(PLACEMENTS),
         arch=rng.choice((800, 900)),
@@ -58,7 +59,7 @@ def msda_campaign(count: int, seed: int):
     for i in range(count):
         (N, Q, M, D, shapes, P, dtype), config = random_msda_case(rng, i)
         try:
-            case_errors = check_case(N, Q, M, D, shapes, P, dtype, seed=seed + i, **config)
+            case_errors = check_case(N, Q, M, D, shapes, P, dtype, seed=seed + i, repeat=False, **config)
         except AssertionError as e:
             raise SystemExit(f"MSDA case {i} {(N, Q, M, D, shapes, P, dtype)} {config}: {e}") from e
         for name, err in case_errors.items():

@@ -279,7 +279,7 @@ void install_segv_handler() {
   ss.ss_sp = segv_stack;
   ss.ss_size = sizeof segv_stack;
   sigaltstack(&ss, nullptr);
-  struct sigaction sa {};
+  struct sigaction sa{};
   sa.sa_sigaction = on_segv;
   sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
   sigaction(SIGSEGV, &sa, nullptr);
@@ -327,7 +327,8 @@ void* guarded_alloc(size_t bytes, Placement placement, int fill, size_t misalign
   const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
   const size_t body = (bytes + 1024 + page - 1) / page * page;
   const size_t total = body + 2 * page;
-  auto* map = static_cast<unsigned char*>(mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+  auto* map =
+      static_cast<unsigned char*>(mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
   if (map == MAP_FAILED) throw std::runtime_error("simt: guarded_alloc cannot map memory");
   mprotect(map, page, PROT_NONE);
   mprotect(map + page + body, page, PROT_NONE);
@@ -365,7 +366,8 @@ int barrier(const std::source_location& site, int predicate) {
   if (!r.in_launch) fail("__syncthreads outside a kernel");
   Fiber& me = r.fibers[r.current];
   for (const Fiber& f : r.fibers) {
-    if (f.state == State::kBarrier && (f.site.line() != site.line() || std::strcmp(f.site.file_name(), site.file_name()))) {
+    if (f.state == State::kBarrier &&
+        (f.site.line() != site.line() || std::strcmp(f.site.file_name(), site.file_name()))) {
       fail("threads wait at different __syncthreads: " + where(site) + " and " + where(f.site) + "\n" +
            thread_states());
     }
@@ -431,7 +433,8 @@ void launch(int64_t blocks, int threads, size_t shared_bytes, void (*body)(void*
   r.fibers.assign(static_cast<size_t>(threads), Fiber{});
   for (Fiber& f : r.fibers) f.stack = map_stack();
   r.shared_bytes = shared_bytes;
-  r.shared = shared_bytes > 0 ? static_cast<unsigned char*>(guarded_alloc(shared_bytes, Placement::kFlushEnd, -1)) : nullptr;
+  r.shared =
+      shared_bytes > 0 ? static_cast<unsigned char*>(guarded_alloc(shared_bytes, Placement::kFlushEnd, -1)) : nullptr;
   r.body = body;
   r.body_arg = arg;
   r.error.clear();

@@ -53,10 +53,10 @@ enum class Placement : int { kAligned = 0, kFlushFront = 1, kFlushEnd = 2, kEndA
 
 struct Config {
   uint64_t seed = 0;
-  int poison = 0xA5;         // byte filling fresh allocations and shared memory
+  int poison = 0xA5;  // byte filling fresh allocations and shared memory
   Placement placement = Placement::kAligned;
-  int arch = 900;            // __CUDA_ARCH__ seen by the device code's runtime arch branches
-  bool ftz = false;          // FTZ|DAZ in MXCSR while kernels run (the build's --use_fast_math, float32/half)
+  int arch = 900;                     // __CUDA_ARCH__ seen by the device code's runtime arch branches
+  bool ftz = false;                   // FTZ|DAZ in MXCSR while kernels run (the build's --use_fast_math, float32/half)
   int64_t min_threads_in_flight = 0;  // 0: the launcher's own threshold
 };
 
@@ -92,8 +92,8 @@ void launch_kernel(Kernel kernel, int64_t blocks, int threads, size_t shared_byt
     std::tuple<Args...> args;
   } pack{kernel, std::tuple<Args...>(args...)};
   launch(
-      blocks, threads, shared_bytes, [](void* p) { std::apply(static_cast<Pack*>(p)->kernel, static_cast<Pack*>(p)->args); },
-      &pack);
+      blocks, threads, shared_bytes,
+      [](void* p) { std::apply(static_cast<Pack*>(p)->kernel, static_cast<Pack*>(p)->args); }, &pack);
 }
 
 template <typename T>
@@ -113,7 +113,8 @@ T from_bits(uint64_t bits) {
 
 }  // namespace simt
 
-// ---- CUDA intrinsics -------------------------------------------------------------------------------------------------
+// ---- CUDA intrinsics
+// -------------------------------------------------------------------------------------------------
 inline void __syncthreads(std::source_location site = std::source_location::current()) { simt::barrier(site, 0); }
 inline int __syncthreads_or(int predicate, std::source_location site = std::source_location::current()) {
   return simt::barrier(site, predicate != 0);

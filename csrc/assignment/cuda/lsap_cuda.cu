@@ -30,7 +30,8 @@ struct CudaDevice {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> batched_lsap_cuda(const at::Tensor& cost, const std::optional<at::Tensor>& num_cols) {
+std::tuple<at::Tensor, at::Tensor> batched_lsap_cuda(const at::Tensor& cost,
+                                                     const std::optional<at::Tensor>& num_cols) {
   const c10::cuda::CUDAGuard guard(cost.device());
   CudaDevice dev;
   return batched_lsap_on(dev, cost, num_cols);

@@ -31,8 +31,8 @@ std::tuple<at::Tensor, at::Tensor> batched_lsap_on(Device& dev, const at::Tensor
     const LsapLaunch p = lsap_launch(N, M, sizeof(scalar_t));
     at::Tensor global_state;
     if (!p.state_in_shared) global_state = dev.empty({B * p.state}, cost.options().dtype(at::kByte));
-    const msda::LaunchInfo info{p.cache_cost ? "lsap_cached" : (p.state_in_shared ? "lsap_shared" : "lsap_global"),
-                                0, p.threads, 0};
+    const msda::LaunchInfo info{p.cache_cost ? "lsap_cached" : (p.state_in_shared ? "lsap_shared" : "lsap_global"), 0,
+                                p.threads, 0};
     dev.launch(info, batched_lsap_kernel<scalar_t>, B, p.threads, static_cast<size_t>(p.shared_bytes),
                cost.const_data_ptr<scalar_t>(), num_cols.has_value() ? num_cols->const_data_ptr<int64_t>() : nullptr,
                static_cast<int32_t>(N), static_cast<int32_t>(M), assignment.mutable_data_ptr<int64_t>(),

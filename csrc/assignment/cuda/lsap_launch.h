@@ -40,7 +40,7 @@ inline int threads_for(int64_t nc_cap) {
 
 struct LsapLaunch {
   int64_t nr_cap, nc_cap;
-  int64_t state;        // bytes of per-problem state
+  int64_t state;         // bytes of per-problem state
   bool state_in_shared;  // else global scratch of B * state bytes
   bool cache_cost;       // costs copied to shared memory in working orientation
   int threads;

@@ -33,8 +33,8 @@ at::Tensor forward_on(Device& dev, const at::Tensor& value, const at::Tensor& sp
   // Every element is written by the kernel, so no zero fill.
   at::Tensor out = dev.empty({s.N, s.Q, s.M * s.D}, value.options());
   if (out.numel() == 0) return out;
-  const DenseInputs in = adopt_inputs(
-      dev, dense_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights));
+  const DenseInputs in =
+      adopt_inputs(dev, dense_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights));
   const int64_t items = s.N * s.Q * s.M;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -72,8 +72,8 @@ void deterministic_grad_value(Device& dev, const at::Tensor& go_c, const DenseIn
   sorted_keys = dev.adopt(sorted_keys.contiguous());
   entry_ids = dev.adopt(entry_ids.contiguous());
   at::Tensor flags = dev.empty({entries}, go_c.options().dtype(at::kBool));
-  dev.launch(LaunchInfo{"run_start_flags", 0, 0, 0}, kernels::run_start_flags_kernel, blocks_for(entries), kThreads,
-             0, sorted_keys.data_ptr<int64_t>(), flags.data_ptr<bool>(), entries);
+  dev.launch(LaunchInfo{"run_start_flags", 0, 0, 0}, kernels::run_start_flags_kernel, blocks_for(entries), kThreads, 0,
+             sorted_keys.data_ptr<int64_t>(), flags.data_ptr<bool>(), entries);
   const at::Tensor run_starts = dev.adopt(at::nonzero(flags).reshape({-1}).contiguous());
   flags.reset();
   const int64_t runs = run_starts.numel();
@@ -94,11 +94,11 @@ void deterministic_grad_value(Device& dev, const at::Tensor& go_c, const DenseIn
 // (torch.use_deterministic_algorithms(True) on CUDA) sums it by sort + gather instead (deterministic_grad_value).
 template <class Device>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_on(Device& dev, bool deterministic,
-                                                            const at::Tensor& grad_output, const at::Tensor& value,
-                                                            const at::Tensor& spatial_shapes,
-                                                            const at::Tensor& level_start_index,
-                                                            const at::Tensor& sampling_locations,
-                                                            const at::Tensor& attention_weights) {
+                                                           const at::Tensor& grad_output, const at::Tensor& value,
+                                                           const at::Tensor& spatial_shapes,
+                                                           const at::Tensor& level_start_index,
+                                                           const at::Tensor& sampling_locations,
+                                                           const at::Tensor& attention_weights) {
   const Sizes s = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   check_grad_output(grad_output, value, s);
   at::Tensor grad_locations = dev.zeros(sampling_locations.sizes(), sampling_locations.options());
@@ -111,8 +111,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_on(Device& dev, bool det
   // Half types accumulate grad_value in an fp32 buffer (atomics on half lose low bits), cast once at the end.
   at::Tensor grad_value_acc = dev.zeros(value.sizes(), value.options().dtype(acc_dtype));
   const at::Tensor go_c = dev.adopt(grad_output.contiguous());
-  const DenseInputs in = adopt_inputs(
-      dev, dense_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights));
+  const DenseInputs in =
+      adopt_inputs(dev, dense_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights));
   const int64_t items = s.N * s.Q * s.M;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;

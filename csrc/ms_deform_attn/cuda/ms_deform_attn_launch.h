@@ -60,7 +60,9 @@ LaunchShape launch_shape(int64_t D, int64_t items, std::initializer_list<const v
 }
 
 // Blocks of kThreads threads for a one-thread-per-element kernel.
-inline int64_t blocks_for(int64_t threads) { return std::min<int64_t>(kMaxBlocks, (threads + kThreads - 1) / kThreads); }
+inline int64_t blocks_for(int64_t threads) {
+  return std::min<int64_t>(kMaxBlocks, (threads + kThreads - 1) / kThreads);
+}
 
 template <typename scalar_t, typename Launch>
 void dispatch_vec(int vec, Launch&& launch) {
