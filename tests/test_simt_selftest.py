@@ -4,6 +4,10 @@ memory bugs as an error naming the defect, races as output that changes with the
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from simt_emulator import load
@@ -47,3 +51,17 @@ def test_clean_kernel_is_schedule_independent():
 
     inputs = random_inputs(1, 9, 2, 8, [(3, 3)], 2, torch.float32, device="cpu")
     emulate_all(list(inputs), torch.ones(1, 9, 16))
+
+
+def test_scalar_read_past_the_end_hits_the_guard_page():
+    """A plain load past the end (flush-end placement) faults on the PROT_NONE page; the handler names the access
+    and the nearest allocation and exits with status 86 (run in a subprocess, since the process ends)."""
+    load()  # build in this process first: the subprocess then only loads the cached extension
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); from simt_emulator import run; "
+        "run('planted', 'guard_page_read', 1, 0xA5, placement='flush_end')"
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 86, proc.stderr[-2000:]
+    assert "simt: invalid memory access" in proc.stderr and "offset 24 in the nearest" in proc.stderr

@@ -66,6 +66,9 @@ __global__ void misaligned_load(const float* in, float* out) {
   out[threadIdx.x] = v[0];
 }
 
+// A plain (scalar) load one element past the end: no check hook, so the guard page must catch it.
+__global__ void guard_page_read(const float* in, float* out) { out[threadIdx.x] = in[6 + threadIdx.x]; }
+
 // Every thread writes the same word: the last writer wins, and the order is the schedule's.
 __global__ void write_race(float* out) { out[0] = static_cast<float>(threadIdx.x + 1); }
 
@@ -98,6 +101,9 @@ at::Tensor planted(const std::string& name, uint64_t seed, int poison) {
     } else if (name == "misaligned_load") {
       at::Tensor in = dev.adopt(at::ones({16}, opts));
       dev.launch(info, misaligned_load, 1, 1, 0, static_cast<const float*>(in.data_ptr<float>()), o);
+    } else if (name == "guard_page_read") {
+      at::Tensor in = dev.adopt(at::ones({6}, opts));
+      dev.launch(info, guard_page_read, 1, 1, 0, static_cast<const float*>(in.data_ptr<float>()), o);
     } else if (name == "write_race") {
       dev.launch(info, write_race, 1, 64, 0, o);
     } else {

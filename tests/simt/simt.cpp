@@ -255,18 +255,18 @@ thread_local char segv_stack[64 * 1024];
 void on_segv(int, siginfo_t* info, void*) {
   Runtime& r = rt();
   char msg[512];
-  const uintptr_t a = reinterpret_cast<uintptr_t>(info->si_addr);
-  long nearest = -1;
-  uintptr_t nb = 0, ne = 0;
+  const auto a = reinterpret_cast<uintptr_t>(info->si_addr);
+  uintptr_t nb = 0, ne = 0, best = UINTPTR_MAX;
   for (const auto& [begin, alloc] : r.allocations) {
-    const long d = static_cast<long>(a < begin ? begin - a : (a >= alloc.end ? a - alloc.end + 1 : 0));
-    if (nearest < 0 || d < nearest) nearest = d, nb = begin, ne = alloc.end;
+    const uintptr_t d = a < begin ? begin - a : (a >= alloc.end ? a - alloc.end : 0);
+    if (d < best) best = d, nb = begin, ne = alloc.end;
   }
   const int n = std::snprintf(msg, sizeof msg,
-                              "simt: invalid memory access at %p (block %lld, thread %d); nearest allocation "
-                              "[%p, %p), %ld bytes away\n",
-                              info->si_addr, static_cast<long long>(r.block), r.current, reinterpret_cast<void*>(nb),
-                              reinterpret_cast<void*>(ne), nearest);
+                              "simt: invalid memory access at %p (block %lld, thread %d): offset %lld in the nearest "
+                              "allocation [%p, %p) of %llu bytes\n",
+                              info->si_addr, static_cast<long long>(r.block), r.current,
+                              static_cast<long long>(a) - static_cast<long long>(nb), reinterpret_cast<void*>(nb),
+                              reinterpret_cast<void*>(ne), static_cast<unsigned long long>(ne - nb));
   if (n > 0) (void)!write(2, msg, static_cast<size_t>(n));
   _exit(86);
 }
