@@ -6,10 +6,12 @@ oracle, under two schedules x two poison bytes (simt_msda_check.py). The long ca
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import pytest
 import torch
-from simt_emulator import run
-from simt_msda_check import check_case, emulate_all, launch_shape_cases
+from simt_emulator import load, run
+from simt_msda_check import check_case, emulate_all, launch_shape_cases, max_vec
 from test_msda_cuda import CASES, max_err, oracle, random_inputs
 
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -19,10 +21,21 @@ PLACEMENTS = ("aligned", "flush_front", "flush_end")
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
 def test_every_launch_shape(dtype):
-    """Threshold override 1 keeps the widest aligned vector: D = VEC x k reaches every (VEC, group, tiles)."""
+    """Threshold override 1 keeps the widest aligned vector: D = VEC x k reaches every (VEC, group, tiles), for
+    the forward, both backward kernels and the deterministic gather; the vector atomics run as sm_90 and sm_80."""
+    load().reset_coverage()
     for i, D in enumerate(launch_shape_cases(dtype)):
-        config = dict(placement=PLACEMENTS[i % 3], arch=(900, 800)[i % 2], min_threads=1)
+        config = dict(placement=PLACEMENTS[i % 2], arch=(900, 800)[i % 2], min_threads=1)
         check_case(1, 5, 2, D, [(3, 4), (1, 1)], 2, dtype, seed=i, **config)
+    covered = defaultdict(set)
+    for key, _ in load().coverage():
+        kernel, _, vec, group, tiles, _ = key.split("|")
+        covered[kernel].add((int(vec), int(group), int(tiles)))
+    vecs = [max_vec(dtype) >> k for k in range(max_vec(dtype).bit_length())]
+    expected = {(v, g, 1) for v in vecs for g in (1, 4, 8, 16, 32)} | {(v, 32, 2) for v in vecs}
+    expected.add((max_vec(dtype), 2, 1))
+    for kernel in ("forward", "backward_atomics", "backward_no_atomics", "gather_grad_value"):
+        assert expected <= covered[kernel], f"{kernel}: missing {sorted(expected - covered[kernel])}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
