@@ -101,8 +101,23 @@ def lsap_campaign(count: int, seed: int):
     return total
 
 
+def print_summary(rows):
+    """One line per kernel x dtype: the VEC, group and tiles values seen, and the launches."""
+    summary = defaultdict(lambda: [set(), set(), set(), set(), 0])
+    for (kernel, dtype, vec, group, tiles, arch), n in rows:
+        entry = summary[(kernel, dtype)]
+        for i, v in enumerate((vec, group, tiles, arch)):
+            entry[i].add(v)
+        entry[4] += int(n)
+    print(f"\n{'kernel':<22}{'dtype':<10}{'VEC':<10}{'group':<18}{'tiles':<12}{'arch':<12}{'launches':>9}")
+    for (kernel, dtype), (vecs, groups, tiles, archs, n) in sorted(summary.items()):
+        cols = [",".join(sorted(v, key=lambda x: (len(x), x))) for v in (vecs, groups, tiles, archs)]
+        print(f"{kernel:<22}{dtype:<10}{cols[0]:<10}{cols[1]:<18}{cols[2]:<12}{cols[3]:<12}{n:>9}")
+
+
 def print_coverage():
     rows = [(key.split("|"), n) for key, n in load().coverage()]
+    print_summary(rows)
     print(f"\n{'kernel':<22}{'dtype':<10}{'VEC':>4}{'group':>7}{'tiles':>7}{'arch':>6}{'launches':>10}")
     for (kernel, dtype, vec, group, tiles, arch), n in sorted(rows):
         print(f"{kernel:<22}{dtype:<10}{vec:>4}{group:>7}{tiles:>7}{arch:>6}{n:>10}")
