@@ -209,3 +209,16 @@ def test_exact_pixel_edges_float32_rounding():
             assert max_err(result[i], want[i]) <= 2e-5 * (1 + want[i].abs().max().item())
         keep = ~one_sided
         assert max_err(result[2][keep], want[2][keep]) <= 2e-5 * (1 + want[2].abs().max().item())
+
+
+@pytest.mark.parametrize("what", ["P=0", "S=0"])
+def test_no_samples_or_empty_maps(what):
+    """P = 0 (no points) or S = 0 (every level 0 x W): the output and every gradient are zero."""
+    shapes = [(0, 3), (0, 2)] if what == "S=0" else [(3, 3)]
+    value, sh, st, locations, weights = random_inputs(
+        1, 4, 2, 8, shapes, 0 if what == "P=0" else 2, torch.float32, device="cpu"
+    )
+    grad_output = torch.randn(1, 4, 16, generator=torch.Generator().manual_seed(2))
+    for got in emulate_all([value, sh, st, locations, weights], grad_output).values():
+        assert all(not t.any() for t in got)
+        assert [t.shape for t in got[1:]] == [value.shape, locations.shape, weights.shape]
