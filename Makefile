@@ -1,6 +1,7 @@
 # make setup : .venv with the pinned set + the extension built in place (CUDA kernels when a toolkit is found)
 # make test  : setup, then pytest (CPU; GPU tests skip without CUDA) and the CMake/libtorch build + ctest
 # make bench : setup, then the benchmarks on whatever device is present
+# make test-emulated : the long SIMT-emulator campaign (CUDA device code on the CPU; tests/simt/), ~30-40 min
 # make lint  : ruff format --check + ruff check + clang-format --dry-run (config: .clang-format)
 SHELL := /bin/bash
 PYTHON_BOOT ?= python3
@@ -15,7 +16,7 @@ export MAX_JOBS
 PYTEST_ARGS ?=
 CMAKE_BUILD := build/cmake
 
-.PHONY: setup build test test-py test-cmake bench bench-quick lint format clean
+.PHONY: setup build test test-py test-cmake test-emulated bench bench-quick lint format clean
 
 setup: $(STAMP) build
 
@@ -40,6 +41,12 @@ test-cmake: $(STAMP)
 	  $(if $(CUDA_HOME),-DCUDA_TOOLKIT_ROOT_DIR=$(CUDA_HOME)) > $(CMAKE_BUILD).log 2>&1 || (cat $(CMAKE_BUILD).log; exit 1)
 	$(VENV)/bin/cmake --build $(CMAKE_BUILD) -j $(MAX_JOBS)
 	cd $(CMAKE_BUILD) && ../../$(VENV)/bin/ctest --output-on-failure
+
+# >= 2,000 MSDA cases and >= 1,000 LSAP problems through the emulator, then the coverage table. The quick
+# campaign (tests/test_simt_*.py) is part of test-py. The emulator is built once into build/simt.
+test-emulated: $(STAMP)
+	$(PY) -m pytest -q tests/test_simt_selftest.py tests/test_simt_msda.py tests/test_simt_lsap.py
+	$(PY) tests/simt_campaign.py --msda $(or $(SIMT_MSDA),2000) --lsap $(or $(SIMT_LSAP),1000)
 
 bench: setup
 	$(PY) -m benchmarks $(BENCH_ARGS)

@@ -251,3 +251,14 @@ def test_cuda_graph_capture():
     torch.cuda.synchronize()
     check = dd.batched_linear_sum_assignment(cost.cpu(), num_cols.cpu())
     assert torch.equal(out.cpu(), check)
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_cuda_float32_subnormal_costs():
+    """Regression (found by the SIMT emulator, tests/test_simt_lsap.py): under --use_fast_math the float32 ->
+    float64 widening flushed subnormal costs to zero (cvt.ftz.f64.f32) and ties broke unlike scipy."""
+    cost = torch.tensor([[[2e-39, 1e-39], [1e-39, 2e-39]]], dtype=torch.float32)
+    got = dd.batched_linear_sum_assignment(cost.cuda()).cpu().numpy()
+    np.testing.assert_array_equal(got[0], scipy_rows(cost[0].double().numpy()))
+    np.testing.assert_array_equal(got[0], [1, 0])

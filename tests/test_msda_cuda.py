@@ -495,3 +495,26 @@ def test_compute_sanitizer_memcheck_clean():
     log = result.stdout + result.stderr
     assert result.returncode == 0 and "sanitizer script done" in log, log[-4000:]
     assert "ERROR SUMMARY: 0 errors" in log, log[-4000:]
+
+
+def test_nan_and_infinite_locations():
+    """NaN rule (DESIGN.md): a NaN x or y makes its head's output NaN in every channel and its location / weight
+    gradients NaN, adding nothing to grad_value; +-inf and 1e30 locations are outside the map (zero). The same rule
+    runs on the CPU under the SIMT emulator (tests/test_simt_msda.py::test_nan_inf_locations)."""
+    value, shapes, starts, locations, weights = random_inputs(1, 6, 2, 4, [(4, 5), (2, 3)], 2, torch.float32)
+    locations[0, 0, 0, 0, 0, 0] = float("nan")
+    locations[0, 2, 0, 0, 1, 0] = float("inf")
+    locations[0, 4, 0, 0, 0, 0] = 1e30
+    nan_sample = locations.isnan().any(-1)
+    moved = locations.clone()
+    moved[nan_sample | ~torch.isfinite(moved).all(-1) | (moved.abs() > 10).any(-1)] = -5.0
+    grad_output = torch.randn(1, 6, 8, device="cuda")
+    out = _op().ms_deform_attn(value, shapes, starts, locations, weights).reshape(1, 6, 2, 4)
+    grads = _op().ms_deform_attn_backward(grad_output, value, shapes, starts, locations, weights)
+    clean_out = _op().ms_deform_attn(value, shapes, starts, moved, weights).reshape(1, 6, 2, 4)
+    clean = _op().ms_deform_attn_backward(grad_output, value, shapes, starts, moved, weights)
+    nan_head = nan_sample.any(-1).any(-1)
+    assert out[nan_head].isnan().all() and torch.equal(out[~nan_head], clean_out[~nan_head])
+    assert grads[1][nan_sample].isnan().all() and grads[2][nan_sample].isnan().all()
+    assert torch.equal(grads[1][~nan_sample], clean[1][~nan_sample])
+    assert torch.allclose(grads[0], clean[0], rtol=0, atol=1e-6)

@@ -163,16 +163,60 @@ def test_interp_non_contiguous_inputs():
 
 
 @interp
-def test_interp_far_outside_and_nan_locations_contribute_zero():
+def test_interp_far_outside_and_infinite_locations_contribute_zero():
     value, ss, lsi, loc, attn = make_inputs(1, [(4, 5), (2, 2)], 2, 3, 6, 2)
     loc = torch.full_like(loc, 3.0)
     loc[..., 0] = -2.5
-    loc[0, 0] = float("nan")
+    loc[0, 0] = float("inf")
+    loc[0, 2, 1, 1, 0, 1] = -float("inf")
     loc[0, 1] = 1e30
+    loc[0, 3] = -1e30
     grad_out = torch.randn(1, 6, 6, dtype=torch.float64)
     out, (g_value, g_loc, g_attn) = _run(_triton, value, ss, lsi, loc, attn, grad_out)
     for t in (out, g_value, g_loc, g_attn):
         assert bool((t == 0).all())
+
+
+@interp
+def test_interp_nan_locations_follow_the_nan_rule():
+    """NaN x or y: every channel of that (n, q, m) head is NaN, the sample's location and weight gradients are NaN,
+    and it adds nothing to grad_value; every other entry equals the run with that sample moved off the map."""
+    value, ss, lsi, loc, attn = make_inputs(1, [(4, 5), (2, 2)], 2, 3, 6, 2, dtype=torch.float64)
+    loc[0, 0, 0, 0, 1, 0] = float("nan")
+    loc[0, 4, 1, 1, 0, 1] = float("nan")
+    nan_sample = loc.isnan().any(-1)
+    moved = loc.clone()
+    moved[nan_sample] = -3.0
+    grad_out = torch.randn(1, 6, 6, dtype=torch.float64)
+    out, (g_value, g_loc, g_attn) = _run(_triton, value, ss, lsi, loc, attn, grad_out)
+    c_out, (c_value, c_loc, c_attn) = _run(_triton, value, ss, lsi, moved, attn, grad_out)
+    nan_head = nan_sample.any(-1).any(-1)  # (N, Q, M)
+    out, c_out = out.reshape(1, 6, 2, 3), c_out.reshape(1, 6, 2, 3)
+    assert bool(out[nan_head].isnan().all()) and torch.equal(out[~nan_head], c_out[~nan_head])
+    assert bool(g_loc[nan_sample].isnan().all()) and bool(g_attn[nan_sample].isnan().all())
+    assert torch.equal(g_loc[~nan_sample], c_loc[~nan_sample]) and torch.equal(g_attn[~nan_sample], c_attn[~nan_sample])
+    assert torch.allclose(g_value, c_value, rtol=0, atol=1e-12)
+
+
+@interp
+def test_interp_corrupt_level_table_reads_as_empty():
+    """Regression: the Triton kernels only checked corners against H, W, so a level whose map leaves [0, S) (a
+    corrupt spatial_shapes / level_start_index that the host cannot check without a sync) was read and written out
+    of bounds. Like the CUDA kernels, such a level now reads as empty: zero output and zero gradients."""
+    value, _, _, loc, attn = make_inputs(1, [(4, 4), (2, 2), (1, 1)], 2, 8, 8, 2)
+    # value has S = 21 rows; level 1 claims 16 rows from row 16, level 2 starts before 0.
+    bad_shapes = torch.tensor([[4, 4], [4, 4], [1, 1]])
+    bad_starts = torch.tensor([0, 16, -5])
+    grad_out = torch.randn(1, 8, 16)
+    op = torch.ops.deformable_detr
+    out = op.ms_deform_attn_triton(value, bad_shapes, bad_starts, loc, attn)
+    g_value, g_loc, g_attn = op.ms_deform_attn_triton_backward(grad_out, value, bad_shapes, bad_starts, loc, attn)
+    first = (value, bad_shapes[:1], bad_starts[:1], loc[:, :, :, :1].contiguous(), attn[:, :, :, :1].contiguous())
+    want_out = op.ms_deform_attn_triton(*first)
+    want_value, want_loc, want_attn = op.ms_deform_attn_triton_backward(grad_out, *first)
+    assert _rel_err(out, want_out) <= 1e-6 and _rel_err(g_value, want_value) <= 1e-6
+    assert torch.equal(g_loc[:, :, :, :1], want_loc) and torch.equal(g_attn[:, :, :, :1], want_attn)
+    assert not g_loc[:, :, :, 1:].any() and not g_attn[:, :, :, 1:].any()
 
 
 @interp

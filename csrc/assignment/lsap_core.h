@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
@@ -78,12 +79,29 @@ LSAP_HOST_DEVICE_INLINE Orientation orient(int64_t rows, int64_t cols) {
                      transpose};
 }
 
+// A cost read as float64.
+template <typename T>
+LSAP_HOST_DEVICE_INLINE double widen(T x) {
+  return static_cast<double>(x);
+}
+
+// float -> float64 that keeps subnormals under --use_fast_math, where nvcc emits the plain widening as
+// cvt.ftz.f64.f32 (subnormal costs became 0 and ties broke unlike scipy). A subnormal is mantissa x 2^-149, formed
+// from its bits with integer and float64 arithmetic, which FTZ does not touch; every other float widens exactly.
+LSAP_HOST_DEVICE_INLINE double widen(float x) {
+  uint32_t bits;
+  memcpy(&bits, &x, sizeof bits);
+  if ((bits & 0x7f800000u) != 0) return static_cast<double>(x);
+  const double magnitude = static_cast<double>(bits & 0x007fffffu) * 0x1p-149;
+  return (bits >> 31) != 0 ? -magnitude : magnitude;
+}
+
 // Row i of the working problem, read as float64 (a float32 cost widens exactly).
 template <typename T>
 struct StridedRow {
   const T* data;
   int64_t stride;
-  LSAP_HOST_DEVICE_INLINE double operator()(int32_t j) const { return static_cast<double>(data[j * stride]); }
+  LSAP_HOST_DEVICE_INLINE double operator()(int32_t j) const { return widen(data[j * stride]); }
 };
 
 template <typename T>

@@ -1,8 +1,15 @@
 // CUDA-only helpers of the MSDA kernels: vector loads/stores of VEC channels converted to the accumulation
 // type, vector atomics into the fp32/fp64 gradient buffer, group (sub-warp) reductions.
+//
+// Under the SIMT emulator (tests/simt/, DEFORMABLE_DETR_SIMT defined) the runtime types come from the emulator,
+// every vector access is range- and alignment-checked (DDETR_CHECK_ACCESS) and the sm_90 branch is a runtime choice,
+// so both paths run; under nvcc the checks are empty and the branch is the preprocessor's.
 #pragma once
 
+#if !defined(DEFORMABLE_DETR_SIMT)
 #include <cuda_runtime.h>
+#define DDETR_CHECK_ACCESS(ptr, bytes, kind)
+#endif
 
 #include <cstdint>
 
@@ -19,6 +26,7 @@ struct alignas(sizeof(T) * VEC) Vec {
 
 template <typename acc_t, typename scalar_t, int VEC>
 __device__ __forceinline__ void load_vec(const scalar_t* __restrict__ src, acc_t (&dst)[VEC]) {
+  DDETR_CHECK_ACCESS(src, sizeof(scalar_t) * VEC, "vector load");
   const Vec<scalar_t, VEC> raw = *reinterpret_cast<const Vec<scalar_t, VEC>*>(src);
 #pragma unroll
   for (int j = 0; j < VEC; ++j) dst[j] = static_cast<acc_t>(raw.v[j]);
@@ -26,6 +34,7 @@ __device__ __forceinline__ void load_vec(const scalar_t* __restrict__ src, acc_t
 
 template <typename acc_t, typename scalar_t, int VEC>
 __device__ __forceinline__ void store_vec(scalar_t* __restrict__ dst, const acc_t (&src)[VEC]) {
+  DDETR_CHECK_ACCESS(dst, sizeof(scalar_t) * VEC, "vector store");
   Vec<scalar_t, VEC> raw;
 #pragma unroll
   for (int j = 0; j < VEC; ++j) raw.v[j] = static_cast<scalar_t>(src[j]);
@@ -43,20 +52,26 @@ __device__ __forceinline__ void atomic_add_scalars(acc_t* dst, const acc_t (&val
 
 template <int VEC>
 __device__ __forceinline__ void atomic_add_vec(float* dst, const float (&val)[VEC]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if constexpr (VEC % 4 == 0) {
-#pragma unroll
-    for (int j = 0; j < VEC; j += 4) {
-      atomicAdd(reinterpret_cast<float4*>(dst + j), make_float4(val[j], val[j + 1], val[j + 2], val[j + 3]));
-    }
-  } else if constexpr (VEC == 2) {
-    atomicAdd(reinterpret_cast<float2*>(dst), make_float2(val[0], val[1]));
-  } else {
-    atomic_add_scalars<float, VEC>(dst, val);
-  }
+#if defined(DEFORMABLE_DETR_SIMT) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+#if defined(DEFORMABLE_DETR_SIMT)
+  const bool vector_atomics = ::simt::arch() >= 900;
 #else
-  atomic_add_scalars<float, VEC>(dst, val);
+  constexpr bool vector_atomics = true;
 #endif
+  if (vector_atomics) {
+    if constexpr (VEC % 4 == 0) {
+#pragma unroll
+      for (int j = 0; j < VEC; j += 4) {
+        atomicAdd(reinterpret_cast<float4*>(dst + j), make_float4(val[j], val[j + 1], val[j + 2], val[j + 3]));
+      }
+      return;
+    } else if constexpr (VEC == 2) {
+      atomicAdd(reinterpret_cast<float2*>(dst), make_float2(val[0], val[1]));
+      return;
+    }
+  }
+#endif
+  atomic_add_scalars<float, VEC>(dst, val);
 }
 
 template <int VEC>

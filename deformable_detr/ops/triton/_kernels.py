@@ -13,6 +13,10 @@ Layouts (all tensors contiguous, row-major):
     weights          (N, Q, M, L, P)
     out / grad_out   (N, Q, M * D)     index ((n * Q + q) * M + m) * D + d
 
+Bad data never leads to a stray access: a level whose map would leave [0, S) reads as empty (_read_level, the CUDA
+kernels' rule). NaN rule (DESIGN.md): a sample whose x or y is NaN makes every channel of its (n, q, m) head NaN,
+its location and weight gradients NaN, and adds nothing to grad_value; +-inf locations are outside the map.
+
 The grid is one flat axis (N * M * Q-blocks * D-blocks) so that no dimension runs into CUDA's 65535 limit on
 grid axes 1 and 2; offsets are int64 because N * S * M * D exceeds 2^31 for large batches.
 """
@@ -34,7 +38,7 @@ def _bilinear_corners(loc_x, loc_y, H, W, q_mask):
     Wf = W.to(loc_x.dtype)
     w_im = loc_x * Wf - 0.5
     h_im = loc_y * Hf - 0.5
-    # False for NaN as well: such samples read nothing and contribute zero.
+    # False for NaN as well: such samples read nothing (the callers apply the NaN rule, see _load_sample).
     inside = q_mask & (h_im > -1.0) & (w_im > -1.0) & (h_im < Hf) & (w_im < Wf)
     # Keep NaN / huge coordinates of samples that read nothing away from floor() and the int64 cast.
     h_im = tl.where(inside, h_im, 0.0)
@@ -53,15 +57,32 @@ def _bilinear_corners(loc_x, loc_y, H, W, q_mask):
 
 
 @triton.jit
-def _load_sample(loc_ptr, attn_ptr, sample, q_mask, H, W, ACC: tl.constexpr):
+def _read_level(shapes_ptr, level_start_ptr, level, S):
+    """(H, W, start, ok) of a level. The host cannot check spatial_shapes / level_start_index on the device
+    without a sync, so, as in the CUDA kernels (read_level), a level whose map would leave [0, S) of its (n, m)
+    slice is read as empty (ok False, H = W = start = 0): corrupt shapes give zeros, never a stray access."""
+    H = tl.load(shapes_ptr + 2 * level)
+    W = tl.load(shapes_ptr + 2 * level + 1)
+    start = tl.load(level_start_ptr + level)
+    side = 2147483648  # keeps H * W below 2^62: no overflow in the size test
+    ok = (H > 0) & (W > 0) & (H < side) & (W < side) & (start >= 0) & (start <= S)
+    ok = ok & (tl.where(ok, H, 0) * tl.where(ok, W, 0) <= S - start)
+    return tl.where(ok, H, 0), tl.where(ok, W, 0), tl.where(ok, start, 0), ok
+
+
+@triton.jit
+def _load_sample(loc_ptr, attn_ptr, sample, q_mask, H, W, level_ok, ACC: tl.constexpr):
     """Attention weight, bilinear fractions, corner indices and corner validity of one (level, point) sample
-    for a block of queries; ``sample`` is the flat (n, q, m, l, p) index."""
+    for a block of queries; ``sample`` is the flat (n, q, m, l, p) index. ``is_nan``: the sample's x or y is NaN
+    (its head's output and its location / weight gradients are NaN; it reads nothing)."""
     loc_x = tl.load(loc_ptr + 2 * sample, mask=q_mask, other=0.0).to(ACC)
     loc_y = tl.load(loc_ptr + 2 * sample + 1, mask=q_mask, other=0.0).to(ACC)
     a = tl.load(attn_ptr + sample, mask=q_mask, other=0.0).to(ACC)
-    h0, w0, lh, lw, h0_ok, h1_ok, w0_ok, w1_ok = _bilinear_corners(loc_x, loc_y, H, W, q_mask)
+    live = q_mask & level_ok
+    h0, w0, lh, lw, h0_ok, h1_ok, w0_ok, w1_ok = _bilinear_corners(loc_x, loc_y, H, W, live)
+    is_nan = live & ((loc_x != loc_x) | (loc_y != loc_y))
     top = h0 * W + w0
-    return a, lh, lw, top, top + W, h0_ok & w0_ok, h0_ok & w1_ok, h1_ok & w0_ok, h1_ok & w1_ok
+    return a, lh, lw, top, top + W, h0_ok & w0_ok, h0_ok & w1_ok, h1_ok & w0_ok, h1_ok & w1_ok, is_nan
 
 
 @triton.jit
@@ -111,12 +132,13 @@ def _msda_forward_kernel(
 
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=ACC)
     for level in range(L):
-        H = tl.load(shapes_ptr + 2 * level)
-        W = tl.load(shapes_ptr + 2 * level + 1)
-        level_ptr = value_nm_ptr + tl.load(level_start_ptr + level) * row_stride
+        H, W, start, level_ok = _read_level(shapes_ptr, level_start_ptr, level, S)
+        level_ptr = value_nm_ptr + start * row_stride
         for point in range(P):
             sample = sample_base + level * P + point
-            a, lh, lw, top, bottom, ok00, ok01, ok10, ok11 = _load_sample(loc_ptr, attn_ptr, sample, q_mask, H, W, ACC)
+            a, lh, lw, top, bottom, ok00, ok01, ok10, ok11, is_nan = _load_sample(
+                loc_ptr, attn_ptr, sample, q_mask, H, W, level_ok, ACC
+            )
             hh = 1.0 - lh
             hw = 1.0 - lw
             v00 = _gather(level_ptr, top, ok00, d, d_mask, row_stride, ACC)
@@ -129,6 +151,7 @@ def _msda_forward_kernel(
                 + (a * lh * hw)[:, None] * v10
                 + (a * lh * lw)[:, None] * v11
             )
+            acc = tl.where(is_nan[:, None], float("nan"), acc)
 
     out_ptrs = out_ptr + ((n * Q + q) * M + m)[:, None] * D + d[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=q_mask[:, None] & d_mask[None, :])
@@ -182,14 +205,15 @@ def _msda_backward_kernel(
     sample_base = ((n * Q + q) * M + m) * (L * P)
 
     for level in range(L):
-        H = tl.load(shapes_ptr + 2 * level)
-        W = tl.load(shapes_ptr + 2 * level + 1)
-        level_offset = tl.load(level_start_ptr + level) * row_stride
+        H, W, start, level_ok = _read_level(shapes_ptr, level_start_ptr, level, S)
+        level_offset = start * row_stride
         level_ptr = value_nm_ptr + level_offset
         grad_level_ptr = grad_value_nm_ptr + level_offset
         for point in range(P):
             sample = sample_base + level * P + point
-            a, lh, lw, top, bottom, ok00, ok01, ok10, ok11 = _load_sample(loc_ptr, attn_ptr, sample, q_mask, H, W, ACC)
+            a, lh, lw, top, bottom, ok00, ok01, ok10, ok11, is_nan = _load_sample(
+                loc_ptr, attn_ptr, sample, q_mask, H, W, level_ok, ACC
+            )
             hh = 1.0 - lh
             hw = 1.0 - lw
             # s_k = sum_d grad_out * v_k: every gradient of this sample except grad_value is a combination of
@@ -219,7 +243,10 @@ def _msda_backward_kernel(
             grad_a = hh * hw * s00 + hh * lw * s01 + lh * hw * s10 + lh * lw * s11
             grad_w_im = a * (hh * (s01 - s00) + lh * (s11 - s10))
             grad_h_im = a * (hw * (s10 - s00) + lw * (s11 - s01))
+            grad_x = tl.where(is_nan, float("nan"), grad_w_im * W.to(ACC))
+            grad_y = tl.where(is_nan, float("nan"), grad_h_im * H.to(ACC))
+            grad_a = tl.where(is_nan, float("nan"), grad_a)
             loc_ty = grad_loc_ptr.dtype.element_ty
-            tl.store(grad_loc_ptr + 2 * sample, (grad_w_im * W.to(ACC)).to(loc_ty), mask=q_mask)
-            tl.store(grad_loc_ptr + 2 * sample + 1, (grad_h_im * H.to(ACC)).to(loc_ty), mask=q_mask)
+            tl.store(grad_loc_ptr + 2 * sample, grad_x.to(loc_ty), mask=q_mask)
+            tl.store(grad_loc_ptr + 2 * sample + 1, grad_y.to(loc_ty), mask=q_mask)
             tl.store(grad_attn_ptr + sample, grad_a.to(grad_attn_ptr.dtype.element_ty), mask=q_mask)

@@ -1,0 +1,320 @@
+// Device code of the MSDA CUDA kernels: no launches, no c10/cuda includes. Compiled by nvcc through
+// ms_deform_attn_cuda.cu and, as host C++, by the SIMT emulator of tests/simt/, which runs it on the CPU.
+//
+// Work split: one "item" is one (n, q, m) output head of D channels. A group of G lanes (a power of two <= 32,
+// aligned inside a warp) owns an item; each lane owns VEC consecutive channels, moved as one 4-16 byte
+// transaction. When D > G * VEC the group walks the channels in tiles. Design, byte counts and predictions:
+// benchmarks/NOTES.md. Launch shapes: ms_deform_attn_launch.h.
+//
+// NaN rule (DESIGN.md): a sample whose x or y location is NaN makes every channel of its head NaN; in backward its
+// location and weight gradients are NaN and it adds nothing to grad_value. +-inf locations are outside the map.
+#pragma once
+
+#include <ATen/OpMathType.h>
+
+#include <cstdint>
+#include <limits>
+
+#include "ms_deform_attn/cuda/ms_deform_attn_launch.h"
+#include "ms_deform_attn/cuda/ms_deform_attn_vec.cuh"
+#include "ms_deform_attn/ms_deform_attn_checks.h"
+#include "ms_deform_attn/ms_deform_attn_math.h"
+
+namespace deformable_detr {
+namespace msda {
+namespace kernels {
+
+using cuda_detail::atomic_add_vec;
+using cuda_detail::group_sum;
+using cuda_detail::load_vec;
+using cuda_detail::store_vec;
+
+template <typename acc_t>
+__device__ __forceinline__ bool nan_location(acc_t x, acc_t y) {
+  return x != x || y != y;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t quiet_nan() {
+  return std::numeric_limits<acc_t>::quiet_NaN();
+}
+
+struct Level {
+  int64_t H, W, start;
+};
+
+// The host cannot validate spatial_shapes / level_start_index on the device without a sync, so a level whose
+// map would leave [0, S) of its (n, m) slice is read as empty: corrupt shapes give zeros, never a stray read.
+__device__ __forceinline__ Level read_level(const int64_t* __restrict__ shapes, const int64_t* __restrict__ starts,
+                                            int64_t l, int64_t S) {
+  const int64_t H = shapes[2 * l], W = shapes[2 * l + 1], start = starts[l];
+  constexpr int64_t kSide = int64_t{1} << 31;  // keeps H * W below 2^62: no overflow in the size test
+  const bool ok = H > 0 && W > 0 && H < kSide && W < kSide && start >= 0 && start <= S && H * W <= S - start;
+  return ok ? Level{H, W, start} : Level{0, 0, 0};
+}
+
+// Items run query-fastest: the groups of a block then serve one head of neighbouring queries, which in the
+// encoder sample neighbouring pixels of the same channel slice, so corner rows are shared through L1. Returns
+// the (n, q, m) row of the item in the (N, Q, M, ...) layouts of locations, weights and out.
+__device__ __forceinline__ int64_t head_row(int64_t item, int64_t Q, int64_t M, int64_t& n, int64_t& m) {
+  const int64_t q = item % Q;
+  const int64_t nm = item / Q;
+  m = nm % M;
+  n = nm / M;
+  return (n * Q + q) * M + m;
+}
+
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    forward_kernel(const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes,
+                   const int64_t* __restrict__ starts, const at::opmath_type<scalar_t>* __restrict__ locations,
+                   const at::opmath_type<scalar_t>* __restrict__ weights, scalar_t* __restrict__ out, Sizes s,
+                   int group_size, int64_t tiles) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t S = s.S, M = s.M, D = s.D, L = s.L, P = s.P;
+  const int64_t items = s.N * s.Q * M;
+  const int64_t row_stride = M * D;
+  const int lane = threadIdx.x & (group_size - 1);
+  const int64_t groups_per_block = blockDim.x / group_size;
+  const int64_t group = threadIdx.x / group_size;
+  for (int64_t item = blockIdx.x * groups_per_block + group; item < items; item += gridDim.x * groups_per_block) {
+    int64_t n, m;
+    const int64_t row = head_row(item, s.Q, M, n, m);
+    const acc_t* loc = locations + row * L * P * 2;
+    const acc_t* att = weights + row * L * P;
+    const scalar_t* value_nm = value + n * S * row_stride + m * D;
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      const int64_t d0 = (tile * group_size + lane) * VEC;
+      if (d0 >= D) break;  // VEC divides D: a vector is either wholly inside the head or wholly outside
+      acc_t acc[VEC] = {};
+      for (int64_t l = 0; l < L; ++l) {
+        const Level lv = read_level(shapes, starts, l, S);
+        if (lv.H == 0) continue;
+        const scalar_t* level = value_nm + lv.start * row_stride + d0;
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t sample = l * P + p;
+          const acc_t x = loc[2 * sample], y = loc[2 * sample + 1];
+          if (nan_location(x, y)) {
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) acc[j] += quiet_nan<acc_t>();
+            continue;
+          }
+          Corners<acc_t> c = bilinear_corners<acc_t>(x, y, lv.H, lv.W);
+          if (!c.any) continue;
+          // All four corner loads are issued before the first multiply, so their latencies overlap.
+          acc_t v[4][VEC];
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            if (c.valid[k]) {
+              load_vec<acc_t, scalar_t, VEC>(level + c.offset[k] * row_stride, v[k]);
+            } else {
+#pragma unroll
+              for (int j = 0; j < VEC; ++j) v[k][j] = 0;
+            }
+          }
+          const acc_t a = att[sample];
+#pragma unroll
+          for (int k = 0; k < 4; ++k) c.weight[k] *= a;
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            const acc_t corner_values[4] = {v[0][j], v[1][j], v[2][j], v[3][j]};
+            acc[j] += interpolate(c, corner_values);
+          }
+        }
+      }
+      store_vec<acc_t, scalar_t, VEC>(out + row * D + d0, acc);
+    }
+  }
+}
+
+// grad_value is the fp32 (fp64 for double) accumulation buffer, zero-filled; grad_locations / grad_weights are
+// zero-filled and written once per sample by lane 0 of the owning group (no atomics, so they are deterministic).
+// kAtomics = false leaves grad_value untouched: the deterministic path sums it separately (see below).
+template <typename scalar_t, int VEC, bool kAtomics>
+__global__ void __launch_bounds__(kThreads)
+    backward_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ value,
+                    const int64_t* __restrict__ shapes, const int64_t* __restrict__ starts,
+                    const at::opmath_type<scalar_t>* __restrict__ locations,
+                    const at::opmath_type<scalar_t>* __restrict__ weights,
+                    at::opmath_type<scalar_t>* __restrict__ grad_value,
+                    at::opmath_type<scalar_t>* __restrict__ grad_locations,
+                    at::opmath_type<scalar_t>* __restrict__ grad_weights, Sizes s, int group_size, int64_t tiles) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t S = s.S, M = s.M, D = s.D, L = s.L, P = s.P;
+  const int64_t items = s.N * s.Q * M;
+  const int64_t row_stride = M * D;
+  const int lane = threadIdx.x & (group_size - 1);
+  const int64_t groups_per_block = blockDim.x / group_size;
+  const int64_t group = threadIdx.x / group_size;
+  // The loop bound is block-uniform and items past the end still run it (writing nothing): group_sum needs
+  // every lane of the warp.
+  for (int64_t base = blockIdx.x * groups_per_block; base < items; base += gridDim.x * groups_per_block) {
+    const bool item_ok = base + group < items;
+    int64_t n, m;
+    const int64_t row = head_row(item_ok ? base + group : 0, s.Q, M, n, m);
+    const acc_t* loc = locations + row * L * P * 2;
+    const acc_t* att = weights + row * L * P;
+    const scalar_t* go = grad_out + row * D;
+    const scalar_t* value_nm = value + n * S * row_stride + m * D;
+    acc_t* grad_value_nm = grad_value + n * S * row_stride + m * D;
+    // The first tile's upstream gradient stays in registers: for every D <= 32 * VEC it is the only tile.
+    acc_t g_first[VEC] = {};
+    const bool lane_ok = item_ok && lane * VEC < D;
+    if (lane_ok) load_vec<acc_t, scalar_t, VEC>(go + lane * VEC, g_first);
+    for (int64_t l = 0; l < L; ++l) {
+      const Level lv = read_level(shapes, starts, l, S);
+      if (lv.H == 0) continue;  // same shapes for every lane, so the warp stays converged for group_sum
+      const scalar_t* level = value_nm + lv.start * row_stride;
+      acc_t* grad_level = grad_value_nm + lv.start * row_stride;
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t sample = l * P + p;
+        const acc_t x = loc[2 * sample], y = loc[2 * sample + 1];
+        // A NaN sample loads no corner and adds nothing to grad_value; its gradients are set to NaN below.
+        const bool nan_sample = nan_location(x, y);
+        const Corners<acc_t> c = bilinear_corners<acc_t>(x, y, lv.H, lv.W);
+        const acc_t a = att[sample];
+        // dots[k] = <grad_out, corner k> over this lane's channels. The sampled value and its position gradient
+        // are linear in the corner values, so they follow from the four dots (as in the CPU kernel), and being
+        // linear they can be formed per lane and summed over the group afterwards: 3 reductions per sample.
+        acc_t dots[4] = {0, 0, 0, 0};
+        if (lane_ok && c.any && !nan_sample) {
+          for (int64_t tile = 0; tile < tiles; ++tile) {
+            const int64_t d0 = (tile * group_size + lane) * VEC;
+            if (d0 >= D) break;
+            acc_t g[VEC];
+            if (tile == 0) {
+#pragma unroll
+              for (int j = 0; j < VEC; ++j) g[j] = g_first[j];
+            } else {
+              load_vec<acc_t, scalar_t, VEC>(go + d0, g);
+            }
+            acc_t v[4][VEC];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+              if (c.valid[k]) {
+                load_vec<acc_t, scalar_t, VEC>(level + c.offset[k] * row_stride + d0, v[k]);
+              } else {
+#pragma unroll
+                for (int j = 0; j < VEC; ++j) v[k][j] = 0;
+              }
+            }
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+              if (!c.valid[k]) continue;
+              const acc_t coeff = a * c.weight[k];
+              acc_t contribution[VEC];
+#pragma unroll
+              for (int j = 0; j < VEC; ++j) {
+                dots[k] += g[j] * v[k][j];
+                contribution[j] = coeff * g[j];
+              }
+              if constexpr (kAtomics) atomic_add_vec<VEC>(grad_level + c.offset[k] * row_stride + d0, contribution);
+            }
+          }
+        }
+        acc_t grad_a = interpolate(c, dots);
+        acc_t grad_w_im = 0, grad_h_im = 0;
+        accumulate_position_grad(c, dots, a, grad_w_im, grad_h_im);
+        grad_a = group_sum(grad_a, group_size);
+        grad_w_im = group_sum(grad_w_im, group_size);
+        grad_h_im = group_sum(grad_h_im, group_size);
+        if (item_ok && lane == 0) {
+          acc_t grad_x, grad_y;
+          position_grad_to_location(grad_w_im, grad_h_im, lv.H, lv.W, grad_x, grad_y);
+          if (nan_sample) grad_x = grad_y = grad_a = quiet_nan<acc_t>();
+          const int64_t idx = row * L * P + sample;
+          grad_locations[2 * idx] = grad_x;
+          grad_locations[2 * idx + 1] = grad_y;
+          grad_weights[idx] = grad_a;
+        }
+      }
+    }
+  }
+}
+
+// ---- Deterministic grad_value (torch.use_deterministic_algorithms) --------------------------------------------
+// Every (sample, corner) pair is an "entry" with id sample * 4 + k. Its destination is the (n, s, m) row of
+// grad_value, keyed as (n * S + s) * M + m so that key * D is the row's element offset. A stable sort of the keys
+// groups the entries of each destination into one run, ordered by entry id; one group of lanes then sums a run in
+// that fixed order and writes the row once. No float atomics, so the result does not depend on scheduling.
+constexpr int64_t kNoDestination = INT64_MAX;  // invalid corners: sort after every real key, never start a run
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    destination_keys_kernel(const int64_t* __restrict__ shapes, const int64_t* __restrict__ starts,
+                            const acc_t* __restrict__ locations, int64_t* __restrict__ keys, Sizes s) {
+  const int64_t samples = s.N * s.Q * s.M * s.L * s.P;
+  for (int64_t sample = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; sample < samples;
+       sample += int64_t{gridDim.x} * blockDim.x) {
+    // sample = (row * L + l) * P + p with row = (n * Q + q) * M + m, the layout of locations and weights.
+    const int64_t row = sample / (s.L * s.P);
+    const int64_t l = (sample / s.P) % s.L;
+    const int64_t m = row % s.M;
+    const int64_t n = row / (s.Q * s.M);
+    const Level lv = read_level(shapes, starts, l, s.S);
+    Corners<acc_t> c;
+    const acc_t x = locations[2 * sample], y = locations[2 * sample + 1];
+    const bool used = lv.H > 0 && !nan_location(x, y);
+    if (used) c = bilinear_corners<acc_t>(x, y, lv.H, lv.W);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const bool ok = used && c.valid[k];
+      keys[4 * sample + k] = ok ? (n * s.S + lv.start + c.offset[k]) * s.M + m : kNoDestination;
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    run_start_flags_kernel(const int64_t* __restrict__ sorted_keys, bool* __restrict__ flags, int64_t entries) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < entries; i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t key = sorted_keys[i];
+    flags[i] = key != kNoDestination && (i == 0 || sorted_keys[i - 1] != key);
+  }
+}
+
+// One group of lanes per run (destination row); each lane owns VEC channels per tile and adds a * w_k * grad_out
+// of the run's entries in sorted order. The corner weight is recomputed exactly as backward_kernel computes it.
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    gather_grad_value_kernel(const scalar_t* __restrict__ grad_out, const int64_t* __restrict__ shapes,
+                             const int64_t* __restrict__ starts,
+                             const at::opmath_type<scalar_t>* __restrict__ locations,
+                             const at::opmath_type<scalar_t>* __restrict__ weights,
+                             const int64_t* __restrict__ sorted_keys, const int64_t* __restrict__ entry_ids,
+                             const int64_t* __restrict__ run_starts, int64_t runs, int64_t entries,
+                             at::opmath_type<scalar_t>* __restrict__ grad_value, Sizes s, int group_size,
+                             int64_t tiles) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t D = s.D, L = s.L, P = s.P;
+  const int lane = threadIdx.x & (group_size - 1);
+  const int64_t groups_per_block = blockDim.x / group_size;
+  const int64_t group = threadIdx.x / group_size;
+  for (int64_t run = blockIdx.x * groups_per_block + group; run < runs; run += gridDim.x * groups_per_block) {
+    const int64_t first = run_starts[run];
+    const int64_t key = sorted_keys[first];
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      const int64_t d0 = (tile * group_size + lane) * VEC;
+      if (d0 >= D) break;
+      acc_t acc[VEC] = {};
+      for (int64_t i = first; i < entries && sorted_keys[i] == key; ++i) {
+        const int64_t entry = entry_ids[i];
+        const int64_t sample = entry >> 2;
+        const int k = static_cast<int>(entry & 3);
+        const int64_t row = sample / (L * P);
+        const int64_t l = (sample / P) % L;
+        const Level lv = read_level(shapes, starts, l, s.S);
+        const Corners<acc_t> c = bilinear_corners<acc_t>(locations[2 * sample], locations[2 * sample + 1], lv.H, lv.W);
+        const acc_t coeff = weights[sample] * c.weight[k];
+        acc_t g[VEC];
+        load_vec<acc_t, scalar_t, VEC>(grad_out + row * D + d0, g);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) acc[j] += coeff * g[j];
+      }
+      store_vec<acc_t, acc_t, VEC>(grad_value + key * D + d0, acc);
+    }
+  }
+}
+
+}  // namespace kernels
+}  // namespace msda
+}  // namespace deformable_detr

@@ -1,0 +1,97 @@
+"""One MSDA case through the SIMT emulator (tests/simt/), judged like tests/test_msda_cuda.py judges the GPU:
+float64 oracle, half types within 2 x the same-dtype reference error + REL_TOL. Every case runs under two schedule
+seeds x two poison bytes, which must agree bitwise (forward, the atomic-free gradients, the deterministic
+grad_value); the atomic grad_value may differ only in summation order. Shared by tests/test_simt_msda.py (quick
+campaign) and tests/simt_campaign.py (long campaign)."""
+
+from __future__ import annotations
+
+import torch
+from simt_emulator import run
+from test_msda_cuda import REL_TOL, assert_close_to_oracle, forward_backward, max_err, oracle, random_inputs
+
+from deformable_detr.ops.reference import ms_deform_attn_reference
+
+# (seed, poison): two schedules, two poison bytes.
+SCHEDULES = ((1, 0xA5), (2, 0x5A))
+
+
+def emulated(inputs, grad_output, deterministic, seed, poison, **config):
+    value, shapes, starts, locations, weights = inputs
+    out = run("ms_deform_attn", value, shapes, starts, locations, weights, seed=seed, poison=poison, **config)
+    grads = run(
+        "ms_deform_attn_backward",
+        grad_output,
+        value,
+        shapes,
+        starts,
+        locations,
+        weights,
+        deterministic,
+        seed=seed,
+        poison=poison,
+        **config,
+    )
+    return [out, *grads]
+
+
+def bitwise_equal(a, b):
+    return a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.numel() else True
+
+
+def emulate_all(inputs, grad_output, repeat=True, **config):
+    """{deterministic: [out, grad_value, grad_locations, grad_weights]} after the two-schedule agreement checks
+    (repeat: also rerun the deterministic path under the first schedule, which must be bitwise equal)."""
+    results = {}
+    for deterministic in (False, True):
+        runs = [emulated(inputs, grad_output, deterministic, s, p, **config) for s, p in SCHEDULES]
+        names = ("out", "grad_value", "grad_locations", "grad_weights")
+        for name, a, b in zip(names, *runs):
+            if name == "grad_value" and not deterministic:
+                continue  # atomics: order-dependent rounding, judged against the oracle below
+            assert bitwise_equal(a.contiguous(), b.contiguous()), f"{name} differs between schedules/poison {config}"
+        if deterministic and repeat:  # the same schedule twice: bitwise equal as well
+            again = emulated(inputs, grad_output, True, *SCHEDULES[0], **config)
+            assert all(bitwise_equal(a, b) for a, b in zip(runs[0], again))
+        results[deterministic] = [t.double() for t in runs[0]]
+    return results
+
+
+def check_case(N, Q, M, D, shapes, P, dtype, seed=0, view=None, repeat=True, **config):
+    """Runs one case, asserts it, returns {output name: max abs error vs the oracle}."""
+    inputs = list(random_inputs(N, Q, M, D, shapes, P, dtype, device="cpu", seed=seed))
+    if view is not None:
+        inputs = view(inputs)
+    grad_output = torch.randn(N, Q, M * D, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    grad_output = grad_output.to(dtype)
+    want = forward_backward(oracle, inputs, grad_output, as_double=True)
+    ref = forward_backward(ms_deform_attn_reference, inputs, grad_output) if dtype != torch.float64 else want
+    results = emulate_all(inputs, grad_output, repeat=repeat, **config)
+    errors = {}
+    for got in results.values():
+        assert_close_to_oracle(dtype, got, want, ref)
+        for name, g, w in zip(("out", "grad_value", "grad_locations", "grad_weights"), got, want):
+            errors[name] = max(errors.get(name, 0.0), max_err(g, w))
+    # Both backward paths agree with each other within the dtype tolerance (grad_value: summation order only).
+    scale = 1.0 + want[1].abs().max().item() if want[1].numel() else 1.0
+    assert max_err(results[False][1], results[True][1]) <= 4 * REL_TOL[dtype] * scale
+    return errors
+
+
+def max_vec(dtype):
+    return 16 // torch.empty((), dtype=dtype).element_size()
+
+
+def launch_shape_cases(dtype):
+    """D values that make launch_shape pick every (VEC, group size, tiles) for `dtype` (threshold override 1, so
+    the widest aligned vector is kept): D = VEC x k with k odd gives VEC lanes-wide vectors and next_pow2(k) lanes."""
+    vec = max_vec(dtype)
+    cases = [vec * 2]  # two lanes of the widest vector
+    while vec >= 1:
+        for k in (1, 3, 7, 15, 31, 33):
+            cases.append(vec * k)
+        vec //= 2
+    return cases
+
+
+__all__ = ["SCHEDULES", "check_case", "emulate_all", "launch_shape_cases", "max_vec", "bitwise_equal"]
