@@ -30,15 +30,20 @@ void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t*
       const int64_t n = nq / Q;
       for (int64_t m = 0; m < M; ++m) {
         for (int64_t d = 0; d < D; ++d) acc[d] = 0;
+        bool nan_row = false;  // the non-finite rule of ms_deform_attn_math.h, for samples with no corner in the map
         const int64_t sample0 = (nq * M + m) * L * P;
         for (int64_t l = 0; l < L; ++l) {
           const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
           const scalar_t* level = value + ((n * S + starts[l]) * M + m) * D;
           for (int64_t p = 0; p < P; ++p) {
             const int64_t sample = sample0 + l * P + p;
-            const Corners<acc_t> c = bilinear_corners<acc_t>(locations[2 * sample], locations[2 * sample + 1], H, W);
-            if (!c.any) continue;
+            const acc_t x = locations[2 * sample], y = locations[2 * sample + 1];
+            const Corners<acc_t> c = bilinear_corners<acc_t>(x, y, H, W);
             const acc_t a = weights[sample];
+            if (!c.any) {
+              nan_row = nan_row || location_is_nan(x, y) || a != a;
+              continue;
+            }
             for (int k = 0; k < 4; ++k) {
               if (!c.valid[k]) continue;
               const acc_t coeff = a * c.weight[k];
@@ -49,6 +54,10 @@ void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t*
           }
         }
         scalar_t* o = out + nq * row_stride + m * D;
+        if (nan_row) {
+          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(quiet_nan<acc_t>());
+          continue;
+        }
         for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[d]);
       }
     }
@@ -93,14 +102,19 @@ void backward_kernel(const scalar_t* grad_out, const scalar_t* value, const int6
           acc_t* gv_level = gv_head + starts[l] * row_stride;
           for (int64_t p = 0; p < P; ++p) {
             const int64_t sample = sample0 + l * P + p;
-            const Corners<acc_t> c = bilinear_corners<acc_t>(locations[2 * sample], locations[2 * sample + 1], H, W);
+            const acc_t x = locations[2 * sample], y = locations[2 * sample + 1];
+            const Corners<acc_t> c = bilinear_corners<acc_t>(x, y, H, W);
+            const acc_t a = weights[sample];
             if (!c.any) {
-              grad_locations[2 * sample] = 0;
-              grad_locations[2 * sample + 1] = 0;
-              grad_weights[sample] = 0;
+              // Non-finite rule (ms_deform_attn_math.h): NaN location -> NaN gradients; otherwise the in-map
+              // formulas with zero corner values, i.e. a * 0 (NaN for a NaN weight) and a zero weight gradient.
+              const bool nan_location = location_is_nan(x, y);
+              const acc_t grad_location = nan_location ? quiet_nan<acc_t>() : a * static_cast<acc_t>(0);
+              grad_locations[2 * sample] = grad_location;
+              grad_locations[2 * sample + 1] = grad_location;
+              grad_weights[sample] = nan_location ? quiet_nan<acc_t>() : static_cast<acc_t>(0);
               continue;
             }
-            const acc_t a = weights[sample];
             acc_t dots[4] = {0, 0, 0, 0};
             for (int k = 0; k < 4; ++k) {
               if (!c.valid[k]) continue;
