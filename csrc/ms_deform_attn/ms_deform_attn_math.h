@@ -5,6 +5,12 @@
 //   w_im = x * W - 0.5,  h_im = y * H - 0.5,
 // and the four integer corners around (h_im, w_im); corners outside the map contribute zero.
 // Everything here is computed in the accumulation type acc_t (float for half types, else the dtype).
+//
+// Non-finite samples (the contract's rule): a location at x or y = +-inf lies outside every map (contributes 0,
+// zero gradients); a NaN x or y makes every channel of the (n, q, m) output NaN, gives NaN gradients for both
+// coordinates and the attention weight, and writes nothing into grad_value; a NaN attention weight propagates
+// by IEEE arithmetic, including NaN * 0 for a sample outside the map. bilinear_corners() reports NaN and
+// infinite locations as !any, so kernels test for NaN only on that rare path (location_is_nan, quiet_nan).
 #pragma once
 
 #include <cmath>
@@ -36,10 +42,10 @@ MSDA_HOST_DEVICE_INLINE Corners<acc_t> bilinear_corners(acc_t x, acc_t y, int64_
   Corners<acc_t> c;
   const acc_t w_im = x * static_cast<acc_t>(W) - static_cast<acc_t>(0.5);
   const acc_t h_im = y * static_cast<acc_t>(H) - static_cast<acc_t>(0.5);
-  // Outside (-1, H) x (-1, W) every corner is invalid. The comparison is also false for NaN, which then
-  // contributes zero instead of indexing memory with a garbage floor().
-  c.any = (h_im > static_cast<acc_t>(-1)) && (w_im > static_cast<acc_t>(-1)) && (h_im < static_cast<acc_t>(H)) &&
-          (w_im < static_cast<acc_t>(W));
+  // Outside (-1, H) x (-1, W) every corner is invalid, and an empty level has no corner at all. The comparisons
+  // are false for NaN and +-inf too, so those never reach floor() (see the non-finite rule above).
+  c.any = (H > 0) && (W > 0) && (h_im > static_cast<acc_t>(-1)) && (w_im > static_cast<acc_t>(-1)) &&
+          (h_im < static_cast<acc_t>(H)) && (w_im < static_cast<acc_t>(W));
   if (!c.any) {
     MSDA_UNROLL
     for (int k = 0; k < 4; ++k) {
@@ -75,6 +81,20 @@ MSDA_HOST_DEVICE_INLINE Corners<acc_t> bilinear_corners(acc_t x, acc_t y, int64_
     c.offset[k] = c.valid[k] ? off[k] : 0;
   }
   return c;
+}
+
+// True when x or y is NaN. Call only where bilinear_corners() returned !any (the rule above): that keeps the
+// check off the hot path. x != x rather than isnan(): the same on host and device, and kept under fast-math
+// flags that do not assume finite math (nvcc --use_fast_math does not).
+template <typename acc_t>
+MSDA_HOST_DEVICE_INLINE bool location_is_nan(acc_t x, acc_t y) {
+  return x != x || y != y;
+}
+
+// A quiet NaN in acc_t, usable on host and device (NAN from <cmath> is a float constant expression).
+template <typename acc_t>
+MSDA_HOST_DEVICE_INLINE acc_t quiet_nan() {
+  return static_cast<acc_t>(NAN);
 }
 
 // Bilinear value from the four corner values of one channel (invalid corners are already weighted 0).

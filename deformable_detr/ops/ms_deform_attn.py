@@ -205,6 +205,12 @@ def ms_deform_attn(
 
     Returns:
         (N, Q, M * D) in ``value``'s dtype.
+
+    Non-finite input (every backend): a sample whose x or y is NaN makes every channel of out[n, q, m, :] NaN; its
+    gradients w.r.t. both coordinates and its attention weight are NaN and it adds nothing to grad_value, so a
+    diverging model is not hidden. A location at +-inf lies outside every map: it contributes 0, zero gradients.
+    A NaN attention weight propagates by IEEE arithmetic: out[n, q, m, :] is NaN (also outside the map, NaN * 0),
+    its location gradient is NaN, grad_value is NaN at its in-map corners, its own gradient stays finite.
     """
     _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     device = value.device

@@ -16,7 +16,8 @@ def ms_deform_attn_reference(
 ) -> torch.Tensor:
     """value (N, S, M, D), sampling_locations (N, Q, M, L, P, 2), attention_weights (N, Q, M, L, P) -> (N, Q, M*D).
 
-    ``level_start_index`` is accepted for signature parity; levels are split by ``spatial_shapes``.
+    ``level_start_index`` is accepted for signature parity; levels are split by ``spatial_shapes``. NaN and
+    infinite sampling locations follow the contract's non-finite rule (see ``deformable_detr.ms_deform_attn``).
     """
     N, S, M, D = value.shape
     _, Q, _, L, P, _ = sampling_locations.shape
@@ -27,8 +28,17 @@ def ms_deform_attn_reference(
     dtype = value.dtype
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
     value_list = value.split([h * w for h, w in shapes], dim=1)
+    # The contract's non-finite rule on top of grid_sample, which returns NaN for an infinite grid, gives a NaN grid
+    # a NaN gradient in that coordinate only, and (in its half-precision kernel) scatters a NaN sample's gradient
+    # into value[0]. So every non-finite coordinate moves to -1, outside every map; a NaN sample then carries its
+    # NaN through its attention weight (out row NaN, weight gradient 0 * NaN). nan_to_num's gradient is
+    # grad * isfinite, a product, so the NaN upstream gradient of such a sample (and of a NaN weight at an
+    # infinite location) still reaches both coordinates as NaN * 0, as the kernels give. Cheap element-wise passes.
+    locations = torch.nan_to_num(sampling_locations, nan=-1.0, posinf=-1.0, neginf=-1.0)
+    nan_factor = torch.where(sampling_locations.isnan().any(-1), float("nan"), 1.0).to(attention_weights.dtype)
+    attention_weights = attention_weights * nan_factor
     # grid_sample wants grids in [-1, 1] with align_corners=False: g = 2 * loc - 1.
-    grids = (2 * sampling_locations - 1).to(dtype)
+    grids = (2 * locations - 1).to(dtype)
     sampled = []
     for level, (h, w) in enumerate(shapes):
         # (N, H*W, M, D) -> (N*M, D, H, W)

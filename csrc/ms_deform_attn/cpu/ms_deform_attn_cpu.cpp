@@ -29,7 +29,8 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial
                               attention_weights)
         .to(at::kHalf);
   }
-  auto out = at::zeros({s.N, s.Q, s.M * s.D}, value.options());
+  // Every element is written by the kernel (NaN, a sum, or 0 for rows with no sample in a map): no memset.
+  auto out = at::empty({s.N, s.Q, s.M * s.D}, value.options());
   if (out.numel() == 0) return out;
   const DenseInputs in = dense_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, value.scalar_type(), "ms_deform_attn_cpu", [&] {
@@ -53,11 +54,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
                                     sampling_locations, attention_weights);
     return {grad_value.to(at::kHalf), grad_locations, grad_weights};
   }
-  auto grad_locations = at::zeros_like(sampling_locations, at::MemoryFormat::Contiguous);
-  auto grad_weights = at::zeros_like(attention_weights, at::MemoryFormat::Contiguous);
   if (s.N * s.Q * s.M == 0 || s.D == 0 || value.numel() == 0) {
-    return {at::zeros_like(value, at::MemoryFormat::Contiguous), grad_locations, grad_weights};
+    return {at::zeros_like(value, at::MemoryFormat::Contiguous),
+            at::zeros_like(sampling_locations, at::MemoryFormat::Contiguous),
+            at::zeros_like(attention_weights, at::MemoryFormat::Contiguous)};
   }
+  // The kernel writes every sample's location and weight gradient: no memset.
+  auto grad_locations = at::empty_like(sampling_locations, at::MemoryFormat::Contiguous);
+  auto grad_weights = at::empty_like(attention_weights, at::MemoryFormat::Contiguous);
   const auto acc_dtype = position_dtype(value.scalar_type());
   // Split queries into chunks (each with a private gradient buffer) only when (N, M) slices alone cannot keep
   // every thread busy; the chunks are summed in a fixed order, so the result is deterministic.

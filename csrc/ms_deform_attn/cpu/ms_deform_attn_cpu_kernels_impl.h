@@ -4,13 +4,173 @@
 // pragma in force around this include reaches our kernels alone.
 #include "ms_deform_attn/cpu/ms_deform_attn_cpu_kernels.h"
 
+#if defined(__GNUC__) && !defined(__clang__)
+// The 32-byte vectors below only live in inlined code of this file; the baseline copy's ABI note is moot.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 namespace deformable_detr {
 namespace msda {
 namespace MSDA_CPU_ISA {
 namespace {
 
-// DT > 0 fixes the channel count at compile time (common head dims): the per-head accumulator then lives in
-// registers and the channel loops unroll; DT == 0 is the generic path for any D.
+// 32-byte vectors of the accumulation type (GCC/Clang vector extensions): one ymm register in the AVX2 copy, a
+// pair of xmm registers in the baseline copy. Used when value is already in acc_t (float, double) and the head
+// dim is a compile-time multiple of the lane count; everything else (bf16, generic D, other compilers) takes the
+// scalar channel loops.
+template <typename acc_t>
+struct Vec {
+  static constexpr int kLanes = 0;
+};
+#if defined(__GNUC__) || defined(__clang__)
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(32)));
+  static constexpr int kLanes = 8;
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(32)));
+  static constexpr int kLanes = 4;
+};
+
+// The four lane sums of d[0..3] by a transposing add tree (what haddps does), not four serial reductions.
+inline void lane_sums(const Vec<float>::type d[4], float out[4]) {
+  using V = Vec<float>::type;
+  const V h1 = __builtin_shufflevector(d[0], d[1], 0, 2, 8, 10, 4, 6, 12, 14) +
+               __builtin_shufflevector(d[0], d[1], 1, 3, 9, 11, 5, 7, 13, 15);
+  const V h2 = __builtin_shufflevector(d[2], d[3], 0, 2, 8, 10, 4, 6, 12, 14) +
+               __builtin_shufflevector(d[2], d[3], 1, 3, 9, 11, 5, 7, 13, 15);
+  const V h3 = __builtin_shufflevector(h1, h2, 0, 2, 8, 10, 4, 6, 12, 14) +
+               __builtin_shufflevector(h1, h2, 1, 3, 9, 11, 5, 7, 13, 15);
+  for (int k = 0; k < 4; ++k) out[k] = h3[k] + h3[k + 4];
+}
+inline void lane_sums(const Vec<double>::type d[4], double out[4]) {
+  using V = Vec<double>::type;
+  const V h1 = __builtin_shufflevector(d[0], d[1], 0, 4, 2, 6) + __builtin_shufflevector(d[0], d[1], 1, 5, 3, 7);
+  const V h2 = __builtin_shufflevector(d[2], d[3], 0, 4, 2, 6) + __builtin_shufflevector(d[2], d[3], 1, 5, 3, 7);
+  const V r = __builtin_shufflevector(h1, h2, 0, 1, 4, 5) + __builtin_shufflevector(h1, h2, 2, 3, 6, 7);
+  for (int k = 0; k < 4; ++k) out[k] = r[k];
+}
+#endif
+
+template <typename V, typename T>
+inline V load_vec(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V, typename T>
+inline void store_vec(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+template <typename scalar_t, int DT>
+constexpr bool use_vec() {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int lanes = Vec<acc_t>::kLanes;
+  return std::is_same_v<scalar_t, acc_t> && DT > 0 && lanes > 0 && DT % (lanes > 0 ? lanes : 1) == 0;
+}
+
+// Channel arithmetic of one (n, q, m) row, for the kernels below. DT > 0 fixes the channel count at compile time
+// (common head dims): the per-row accumulator then lives in registers and the channel loops unroll; DT == 0 is
+// the generic path for any D. Forward: zero(), add() per valid corner, store(). Backward: load() the grad_out
+// row, then per sample begin_sample(), corner() per valid corner (dot with the value row, scatter into the
+// grad_value row), dots().
+template <typename scalar_t, int DT>
+struct ScalarChannels {
+  using acc_t = at::opmath_type<scalar_t>;
+  explicit ScalarChannels(int64_t D_) : D(DT > 0 ? DT : D_), dynamic(DT > 0 ? 0 : D_) {}
+  acc_t* buf() { return DT > 0 ? fixed : dynamic.data(); }
+
+  void zero() {
+    acc_t* acc = buf();
+    for (int64_t d = 0; d < D; ++d) acc[d] = 0;
+  }
+  void add(int /*corner*/, acc_t coeff, const scalar_t* v) {
+    acc_t* acc = buf();
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) acc[d] += coeff * static_cast<acc_t>(v[d]);
+  }
+  void store(scalar_t* o) {
+    acc_t* acc = buf();
+    for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[d]);
+  }
+
+  void load(const scalar_t* go) {
+    acc_t* g = buf();
+    for (int64_t d = 0; d < D; ++d) g[d] = static_cast<acc_t>(go[d]);
+  }
+  void begin_sample() {
+    for (int k = 0; k < 4; ++k) dot[k] = 0;
+  }
+  void corner(int k, const scalar_t* v, acc_t* dst, acc_t coeff) {
+    const acc_t* g = buf();
+    acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t d = 0; d < D; ++d) {
+      sum += g[d] * static_cast<acc_t>(v[d]);
+      dst[d] += coeff * g[d];
+    }
+    dot[k] = sum;
+  }
+  void dots(acc_t out[4]) {
+    for (int k = 0; k < 4; ++k) out[k] = dot[k];
+  }
+
+  int64_t D;
+  acc_t fixed[DT > 0 ? DT : 1];
+  std::vector<acc_t> dynamic;
+  acc_t dot[4];
+};
+
+// The same with 32-byte vectors (value already in acc_t, D a multiple of the lanes). Forward keeps two
+// accumulator banks (corners 0-1 and 2-3) to halve the FMA dependency chain; backward keeps the grad_out row in
+// registers and one partial-dot vector per corner, reduced together by lane_sums().
+template <typename scalar_t, int DT>
+struct VecChannels {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = typename Vec<acc_t>::type;
+  static constexpr int kLanes = Vec<acc_t>::kLanes;
+  static constexpr int kVecs = DT / kLanes;
+  explicit VecChannels(int64_t /*D*/) {}
+
+  void zero() {
+    for (int j = 0; j < kVecs; ++j) acc[0][j] = acc[1][j] = V{};
+  }
+  void add(int k, acc_t coeff, const scalar_t* v) {
+    V* bank = acc[k >> 1];
+    for (int j = 0; j < kVecs; ++j) bank[j] += coeff * load_vec<V>(v + j * kLanes);
+  }
+  void store(scalar_t* o) {
+    for (int j = 0; j < kVecs; ++j) store_vec(o + j * kLanes, V(acc[0][j] + acc[1][j]));
+  }
+
+  void load(const scalar_t* go) {
+    for (int j = 0; j < kVecs; ++j) g[j] = load_vec<V>(go + j * kLanes);
+  }
+  void begin_sample() {
+    for (int k = 0; k < 4; ++k) dot[k] = V{};
+  }
+  void corner(int k, const scalar_t* v, acc_t* dst, acc_t coeff) {
+    for (int j = 0; j < kVecs; ++j) {
+      dot[k] += g[j] * load_vec<V>(v + j * kLanes);
+      store_vec(dst + j * kLanes, V(load_vec<V>(dst + j * kLanes) + coeff * g[j]));
+    }
+  }
+  void dots(acc_t out[4]) { lane_sums(dot, out); }
+
+  V acc[2][kVecs > 0 ? kVecs : 1];
+  V g[kVecs > 0 ? kVecs : 1];
+  V dot[4];
+};
+
+template <typename scalar_t, int DT>
+using Channels = std::conditional_t<use_vec<scalar_t, DT>(), VecChannels<scalar_t, DT>, ScalarChannels<scalar_t, DT>>;
+
+// Forward parallelises over output rows (n, q, m), m fastest. (Head-major order, one head's 0.7 MB slice of value
+// at a time, measured slower: benchmarks/NOTES.md, CPU section.)
 template <typename scalar_t, int DT>
 void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t* starts,
                     const at::opmath_type<scalar_t>* locations, const at::opmath_type<scalar_t>* weights, scalar_t* out,
@@ -19,44 +179,45 @@ void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t*
   const int64_t N = s.N, S = s.S, M = s.M, L = s.L, P = s.P, Q = s.Q;
   const int64_t D = DT > 0 ? DT : s.D;
   const int64_t row_stride = M * D;  // value elements between consecutive spatial positions
-  // Roughly 4 corners x D channels x L x P multiply-adds per head: aim for ~32k per task.
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, M * L * P * D * 4));
-  (void)N;
-  at::parallel_for(0, N * Q, grain, [&](int64_t begin, int64_t end) {
-    acc_t acc_fixed[DT > 0 ? DT : 1];
-    std::vector<acc_t> acc_dynamic(DT > 0 ? 0 : D);
-    acc_t* acc = DT > 0 ? acc_fixed : acc_dynamic.data();
-    for (int64_t nq = begin; nq < end; ++nq) {
-      const int64_t n = nq / Q;
-      for (int64_t m = 0; m < M; ++m) {
-        for (int64_t d = 0; d < D; ++d) acc[d] = 0;
-        const int64_t sample0 = (nq * M + m) * L * P;
-        for (int64_t l = 0; l < L; ++l) {
-          const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
-          const scalar_t* level = value + ((n * S + starts[l]) * M + m) * D;
-          for (int64_t p = 0; p < P; ++p) {
-            const int64_t sample = sample0 + l * P + p;
-            const Corners<acc_t> c = bilinear_corners<acc_t>(locations[2 * sample], locations[2 * sample + 1], H, W);
-            if (!c.any) continue;
-            const acc_t a = weights[sample];
-            for (int k = 0; k < 4; ++k) {
-              if (!c.valid[k]) continue;
-              const acc_t coeff = a * c.weight[k];
-              const scalar_t* v = level + c.offset[k] * row_stride;
-#pragma omp simd
-              for (int64_t d = 0; d < D; ++d) acc[d] += coeff * static_cast<acc_t>(v[d]);
-            }
+  // Roughly 4 corners x D channels x L x P multiply-adds per row: aim for ~32k per task.
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, L * P * D * 4));
+  at::parallel_for(0, N * Q * M, grain, [&](int64_t begin, int64_t end) {
+    Channels<scalar_t, DT> ch(D);
+    for (int64_t row = begin; row < end; ++row) {  // row = nq * M + m
+      const int64_t n = row / (Q * M), m = row % M;
+      ch.zero();
+      bool nan_row = false;  // the non-finite rule of ms_deform_attn_math.h, for samples with no corner in the map
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
+        const scalar_t* level = value + ((n * S + starts[l]) * M + m) * D;
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t sample = (row * L + l) * P + p;
+          const acc_t x = locations[2 * sample], y = locations[2 * sample + 1];
+          const Corners<acc_t> c = bilinear_corners<acc_t>(x, y, H, W);
+          const acc_t a = weights[sample];
+          if (!c.any) {
+            nan_row = nan_row || location_is_nan(x, y) || a != a;
+            continue;
+          }
+          for (int k = 0; k < 4; ++k) {
+            if (c.valid[k]) ch.add(k, a * c.weight[k], level + c.offset[k] * row_stride);
           }
         }
-        scalar_t* o = out + nq * row_stride + m * D;
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[d]);
+      }
+      scalar_t* o = out + row * D;
+      if (nan_row) {
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(quiet_nan<acc_t>());
+      } else {
+        ch.store(o);
       }
     }
   });
 }
 
 // grad_value_acc has shape (chunks, N, S, M, D): task (chunk, n, m) owns slice [chunk, n, :, m, :], so no two
-// threads ever write the same element and the result does not depend on scheduling.
+// threads ever write the same element and the result does not depend on scheduling. (Walking rows in memory
+// order like the forward, with one private buffer per thread, measured no faster at one thread and costs a
+// buffer sum at two: benchmarks/NOTES.md, CPU section.)
 //
 // The bilinear value and its position gradient are linear in the corner values, so per sample we only need the
 // four dot products G_k = <grad_out, v_k> over channels; interpolate() and accumulate_position_grad() are then
@@ -72,9 +233,7 @@ void backward_kernel(const scalar_t* grad_out, const scalar_t* value, const int6
   const int64_t row_stride = M * D;
   const int64_t queries_per_chunk = (Q + chunks - 1) / chunks;
   at::parallel_for(0, chunks * N * M, 1, [&](int64_t begin, int64_t end) {
-    acc_t g_fixed[DT > 0 ? DT : 1];
-    std::vector<acc_t> g_dynamic(DT > 0 ? 0 : D);
-    acc_t* g = DT > 0 ? g_fixed : g_dynamic.data();
+    Channels<scalar_t, DT> ch(D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t chunk = task / (N * M);
       const int64_t n = (task / M) % N;
@@ -83,38 +242,35 @@ void backward_kernel(const scalar_t* grad_out, const scalar_t* value, const int6
       const int64_t q_end = std::min(Q, q_begin + queries_per_chunk);
       acc_t* gv_head = grad_value_acc + ((chunk * N + n) * S * M + m) * D;
       for (int64_t q = q_begin; q < q_end; ++q) {
-        const int64_t nq = n * Q + q;
-        const scalar_t* go = grad_out + nq * row_stride + m * D;
-        for (int64_t d = 0; d < D; ++d) g[d] = static_cast<acc_t>(go[d]);
-        const int64_t sample0 = (nq * M + m) * L * P;
+        const int64_t row = (n * Q + q) * M + m;
+        ch.load(grad_out + row * D);
         for (int64_t l = 0; l < L; ++l) {
           const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
           const scalar_t* level = value + ((n * S + starts[l]) * M + m) * D;
           acc_t* gv_level = gv_head + starts[l] * row_stride;
           for (int64_t p = 0; p < P; ++p) {
-            const int64_t sample = sample0 + l * P + p;
-            const Corners<acc_t> c = bilinear_corners<acc_t>(locations[2 * sample], locations[2 * sample + 1], H, W);
+            const int64_t sample = (row * L + l) * P + p;
+            const acc_t x = locations[2 * sample], y = locations[2 * sample + 1];
+            const Corners<acc_t> c = bilinear_corners<acc_t>(x, y, H, W);
+            const acc_t a = weights[sample];
             if (!c.any) {
-              grad_locations[2 * sample] = 0;
-              grad_locations[2 * sample + 1] = 0;
-              grad_weights[sample] = 0;
+              // Non-finite rule (ms_deform_attn_math.h): NaN location -> NaN gradients; otherwise the in-map
+              // formulas with zero corner values, i.e. a * 0 (NaN for a NaN weight) and a zero weight gradient.
+              const bool nan_location = location_is_nan(x, y);
+              const acc_t grad_location = nan_location ? quiet_nan<acc_t>() : a * static_cast<acc_t>(0);
+              grad_locations[2 * sample] = grad_location;
+              grad_locations[2 * sample + 1] = grad_location;
+              grad_weights[sample] = nan_location ? quiet_nan<acc_t>() : static_cast<acc_t>(0);
               continue;
             }
-            const acc_t a = weights[sample];
-            acc_t dots[4] = {0, 0, 0, 0};
+            ch.begin_sample();
             for (int k = 0; k < 4; ++k) {
               if (!c.valid[k]) continue;
-              const scalar_t* v = level + c.offset[k] * row_stride;
-              acc_t* dst = gv_level + c.offset[k] * row_stride;
-              const acc_t coeff = a * c.weight[k];
-              acc_t dot = 0;
-#pragma omp simd reduction(+ : dot)
-              for (int64_t d = 0; d < D; ++d) {
-                dot += g[d] * static_cast<acc_t>(v[d]);
-                dst[d] += coeff * g[d];
-              }
-              dots[k] = dot;
+              const int64_t offset = c.offset[k] * row_stride;
+              ch.corner(k, level + offset, gv_level + offset, a * c.weight[k]);
             }
+            acc_t dots[4];
+            ch.dots(dots);
             acc_t grad_w_im = 0, grad_h_im = 0, gx, gy;
             accumulate_position_grad(c, dots, a, grad_w_im, grad_h_im);
             position_grad_to_location(grad_w_im, grad_h_im, H, W, gx, gy);
@@ -181,3 +337,7 @@ MSDA_INSTANTIATE(c10::BFloat16)
 }  // namespace MSDA_CPU_ISA
 }  // namespace msda
 }  // namespace deformable_detr
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
