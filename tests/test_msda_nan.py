@@ -167,3 +167,10 @@ def test_non_finite_rule_baseline_cpu_kernel_copy():
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     result = subprocess.run([sys.executable, "-c", script], env=env, cwd=tests_dir, capture_output=True, text=True)
     assert result.returncode == 0 and "baseline-ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_non_finite_rule_compiled_reference():
+    # Eager mode applies the reference's fix-up only when a location is not finite; a compiled graph always does.
+    # (Not fullgraph: the reference reads spatial_shapes on the host, a graph break with or without this rule.)
+    compiled = torch.compile(dd.ms_deform_attn_reference, dynamic=False)
+    assert_follows_rule(compiled, torch.float64, D=5)
