@@ -1,5 +1,7 @@
-"""Non-finite inputs (issue 16 item 6): the contract's NaN / infinity rule, checked on the CPU backends against
-the float64 oracle evaluated on finite stand-ins (the CUDA and Triton backends are checked in their own files).
+"""Non-finite inputs (issue 16 item 6): the contract's NaN / infinity rule, checked against the float64 oracle
+evaluated on finite stand-ins (``expected_under_rule``) on the CPU backends, on the CUDA kernels under the SIMT
+emulator (tests/simt/; both backward paths), on a GPU when there is one, and on the Triton kernels under the
+interpreter (tests/test_msda_triton.py, ``test_interp_non_finite_rule``).
 
 The rule (DESIGN.md contract, ``deformable_detr.ops.ms_deform_attn`` docstring):
 - a sample whose x or y is NaN makes every channel of out[n, q, m, :] NaN; its gradients w.r.t. both coordinates
@@ -19,6 +21,7 @@ import sys
 import pytest
 import torch
 from oracle import make_inputs, oracle_output_and_grads, output_and_grads
+from simt_emulator import run as run_emulated
 
 import deformable_detr as dd
 from deformable_detr._extension import extension_loaded
@@ -67,10 +70,12 @@ def expected_under_rule(value, spatial_shapes, level_start_index, locations, wei
     return out.flatten(2), [grad_value, grad_locations, grad_weights]
 
 
-def poisoned_inputs(dtype, D=5, seed=0):
+def poisoned_inputs(dtype, D=5, seed=0, empty_level=False):
     """Random inputs with NaN x, NaN y, both NaN, +-inf x or y, NaN next to inf, and NaN attention weights at
-    in-map, out-of-map and infinite locations, in several (n, q, m) rows; other rows stay finite."""
-    value, ss, lsi, loc, attn = make_inputs(2, [(5, 4), (3, 3), (1, 2)], 2, D, 6, 3, dtype=dtype, seed=seed)
+    in-map, out-of-map and infinite locations, in several (n, q, m) rows; other rows stay finite. ``empty_level``:
+    level 1 is 0 x 3, so a NaN location, an infinite one and a NaN weight (below) lie on an empty map."""
+    shapes = [(5, 4), (0, 3) if empty_level else (3, 3), (1, 2)]
+    value, ss, lsi, loc, attn = make_inputs(2, shapes, 2, D, 6, 3, dtype=dtype, seed=seed)
     loc, attn = loc.clone(), attn.clone()
     loc[0, 0, 0, 0, 0, 0] = NAN
     loc[0, 1, 1, 1, 2, 1] = NAN
@@ -85,13 +90,15 @@ def poisoned_inputs(dtype, D=5, seed=0):
     attn[1, 4, 1, 2, 0] = NAN
     loc[0, 2, 1, 0, 0, 1] = INF  # NaN weight at an infinite location
     attn[0, 2, 1, 0, 0] = NAN
+    if empty_level:
+        attn[1, 5, 0, 1, 1] = NAN  # NaN weight on the empty level
     return value, ss, lsi, loc, attn
 
 
-def assert_follows_rule(fn, dtype, D=5, check_values=True):
+def assert_follows_rule(fn, dtype, D=5, check_values=True, empty_level=False):
     """NaN pattern and exact zeros as the rule says; the finite values to float32/float64 tolerance when
     ``check_values`` (half-precision accuracy is tested in test_msda.py, not here)."""
-    value, ss, lsi, loc, attn = poisoned_inputs(dtype, D=D)
+    value, ss, lsi, loc, attn = poisoned_inputs(dtype, D=D, empty_level=empty_level)
     grad_out = torch.randn(value.shape[0], loc.shape[1], value.shape[2] * D, dtype=torch.float64)
     out, grads = output_and_grads(fn, value, ss, lsi, loc, attn, grad_out)
     exp_out, exp_grads = expected_under_rule(value, ss, lsi, loc, attn, grad_out)
@@ -114,6 +121,13 @@ def assert_follows_rule(fn, dtype, D=5, check_values=True):
 @pytest.mark.parametrize("D", [5, 32])
 def test_non_finite_locations_and_weights_follow_rule(backend, dtype, D):
     assert_follows_rule(lambda *a: dd.ms_deform_attn(*a, backend=backend), dtype, D=D)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="compiled extension not built")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_non_finite_rule_on_an_empty_level_cpu(dtype):
+    # The C++ CPU kernel; the pytorch reference differs there (location gradients 0 instead of NaN on a 0 x W map).
+    assert_follows_rule(lambda *a: dd.ms_deform_attn(*a, backend="cpu"), dtype, D=8, empty_level=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -174,3 +188,71 @@ def test_non_finite_rule_compiled_reference():
     # (Not fullgraph: the reference reads spatial_shapes on the host, a graph break with or without this rule.)
     compiled = torch.compile(dd.ms_deform_attn_reference, dynamic=False)
     assert_follows_rule(compiled, torch.float64, D=5)
+
+
+class _Emulated(torch.autograd.Function):
+    """The CUDA op's host flow and kernels run by the SIMT emulator, as an autograd function of (value, locations,
+    weights); ``config``: the emulator's run() options (schedule seed, launch threshold, ...)."""
+
+    @staticmethod
+    def forward(ctx, value, spatial_shapes, level_start_index, locations, weights, deterministic, config):
+        ctx.save_for_backward(value, spatial_shapes, level_start_index, locations, weights)
+        ctx.deterministic, ctx.config = deterministic, config
+        return run_emulated("ms_deform_attn", value, spatial_shapes, level_start_index, locations, weights, **config)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads = run_emulated(
+            "ms_deform_attn_backward", grad_out.contiguous(), *ctx.saved_tensors, ctx.deterministic, **ctx.config
+        )
+        return grads[0], None, None, grads[1], grads[2], None, None
+
+
+# (dtype, D, emulator config, empty level): float64 / float32 at the real launch threshold (narrow groups) and, with
+# the threshold lowered to 1, the widest vectors in groups of several lanes and two channel tiles; half types for
+# the NaN pattern only.
+EMULATED_CASES = {
+    "float64_d5": (torch.float64, 5, {}, False),
+    "float32_d32_wide": (torch.float32, 32, {"min_threads": 1}, False),
+    "float64_d66_tiles": (torch.float64, 66, {"min_threads": 1, "seed": 3}, False),
+    "float32_d8_empty_level": (torch.float32, 8, {"min_threads": 1}, True),
+    "float16_d16": (torch.float16, 16, {"min_threads": 1}, False),
+    "bfloat16_d16": (torch.bfloat16, 16, {}, False),
+}
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "deterministic"])
+@pytest.mark.parametrize("case", list(EMULATED_CASES))
+def test_non_finite_rule_emulated_cuda(case, deterministic):
+    """The CUDA kernels (forward, atomic backward, and the deterministic path's key / gather kernels)."""
+    dtype, D, config, empty_level = EMULATED_CASES[case]
+
+    def fn(value, ss, lsi, loc, attn):
+        return _Emulated.apply(value, ss, lsi, loc, attn, deterministic, config)
+
+    assert_follows_rule(fn, dtype, D=D, check_values=dtype in (torch.float32, torch.float64), empty_level=empty_level)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    "backend, deterministic",
+    [("cuda", False), ("cuda", True), ("triton", False)],  # Triton refuses deterministic mode (float atomics)
+    ids=["cuda-atomics", "cuda-deterministic", "triton"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_non_finite_rule_gpu(backend, dtype, deterministic):
+    if backend not in dd.available_backends("cuda"):
+        pytest.skip(f"backend {backend!r} is not available on this GPU machine")
+
+    def fn(value, ss, lsi, loc, attn):
+        cuda = [t.cuda() for t in (value, ss, lsi, loc, attn)]
+        return dd.ms_deform_attn(*cuda, backend=backend).cpu()
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        for empty_level in (False, True):
+            assert_follows_rule(fn, dtype, D=32, check_values=dtype == torch.float32, empty_level=empty_level)
+    finally:
+        torch.use_deterministic_algorithms(previous)

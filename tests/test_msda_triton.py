@@ -19,6 +19,7 @@ import pytest
 import torch
 from oracle import make_inputs, oracle_output_and_grads, output_and_grads, rel_err
 from test_msda import CASES as CPU_CASES
+from test_msda_nan import assert_follows_rule
 
 import deformable_detr as dd
 import deformable_detr.ops.triton as triton_ops
@@ -196,6 +197,19 @@ def test_interp_nan_locations_follow_the_nan_rule():
     assert bool(g_loc[nan_sample].isnan().all()) and bool(g_attn[nan_sample].isnan().all())
     assert torch.equal(g_loc[~nan_sample], c_loc[~nan_sample]) and torch.equal(g_attn[~nan_sample], c_attn[~nan_sample])
     assert torch.allclose(g_value, c_value, rtol=0, atol=1e-12)
+
+
+@interp
+@pytest.mark.parametrize(
+    "dtype, empty_level",
+    [(torch.float64, False), (torch.float32, False), (torch.float16, False), (torch.float64, True)],
+    ids=["float64", "float32", "float16", "float64_empty_level"],
+)
+def test_interp_non_finite_rule(dtype, empty_level):
+    """The full non-finite rule of test_msda_nan.py (NaN / infinite locations, NaN weights in and off the map,
+    optionally on a 0 x 3 level)."""
+    D = {torch.float64: 5, torch.float32: 32, torch.float16: 16}[dtype]
+    assert_follows_rule(_triton, dtype, D=D, check_values=dtype != torch.float16, empty_level=empty_level)
 
 
 @interp

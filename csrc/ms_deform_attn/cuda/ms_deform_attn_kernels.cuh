@@ -6,14 +6,15 @@
 // transaction. When D > G * VEC the group walks the channels in tiles. Design, byte counts and predictions:
 // benchmarks/NOTES.md. Launch shapes: ms_deform_attn_launch.h.
 //
-// NaN rule (DESIGN.md): a sample whose x or y location is NaN makes every channel of its head NaN; in backward its
-// location and weight gradients are NaN and it adds nothing to grad_value. +-inf locations are outside the map.
+// Non-finite rule (DESIGN.md, ms_deform_attn_math.h): a NaN x or y makes every channel of its head NaN, its location
+// and weight gradients NaN, and adds nothing to grad_value; +-inf locations lie outside the map; a NaN attention
+// weight propagates by IEEE arithmetic, also off the map (NaN * 0). bilinear_corners() reports NaN and infinite
+// locations as !any, so the kernels test for NaN only on that rare off-map path.
 #pragma once
 
 #include <ATen/OpMathType.h>
 
 #include <cstdint>
-#include <limits>
 
 #include "ms_deform_attn/cuda/ms_deform_attn_launch.h"
 #include "ms_deform_attn/cuda/ms_deform_attn_vec.cuh"
@@ -28,16 +29,6 @@ using cuda_detail::atomic_add_vec;
 using cuda_detail::group_sum;
 using cuda_detail::load_vec;
 using cuda_detail::store_vec;
-
-template <typename acc_t>
-__device__ __forceinline__ bool nan_location(acc_t x, acc_t y) {
-  return x != x || y != y;
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t quiet_nan() {
-  return std::numeric_limits<acc_t>::quiet_NaN();
-}
 
 struct Level {
   int64_t H, W, start;
@@ -88,19 +79,24 @@ __global__ void __launch_bounds__(kThreads)
       if (d0 >= D) break;  // VEC divides D: a vector is either wholly inside the head or wholly outside
       acc_t acc[VEC] = {};
       for (int64_t l = 0; l < L; ++l) {
+        // An empty (or corrupt) level is not skipped: its samples are off the map, where the non-finite rule
+        // still applies.
         const Level lv = read_level(shapes, starts, l, S);
-        if (lv.H == 0) continue;
         const scalar_t* level = value_nm + lv.start * row_stride + d0;
         for (int64_t p = 0; p < P; ++p) {
           const int64_t sample = l * P + p;
           const acc_t x = loc[2 * sample], y = loc[2 * sample + 1];
-          if (nan_location(x, y)) {
+          Corners<acc_t> c = bilinear_corners<acc_t>(x, y, lv.H, lv.W);
+          if (!c.any) {
+            // Off the map (or a NaN location): nothing to load, but a NaN location or a NaN weight (NaN * 0)
+            // still poisons the head.
+            const acc_t a = att[sample];
+            if (location_is_nan(x, y) || a != a) {
 #pragma unroll
-            for (int j = 0; j < VEC; ++j) acc[j] += quiet_nan<acc_t>();
+              for (int j = 0; j < VEC; ++j) acc[j] = quiet_nan<acc_t>();
+            }
             continue;
           }
-          Corners<acc_t> c = bilinear_corners<acc_t>(x, y, lv.H, lv.W);
-          if (!c.any) continue;
           // All four corner loads are issued before the first multiply, so their latencies overlap.
           acc_t v[4][VEC];
 #pragma unroll
@@ -162,22 +158,23 @@ __global__ void __launch_bounds__(kThreads)
     const bool lane_ok = item_ok && lane * VEC < D;
     if (lane_ok) load_vec<acc_t, scalar_t, VEC>(go + lane * VEC, g_first);
     for (int64_t l = 0; l < L; ++l) {
+      // Empty levels are not skipped (the non-finite rule applies off the map); the level is the same for every
+      // lane, so the warp stays converged for group_sum either way.
       const Level lv = read_level(shapes, starts, l, S);
-      if (lv.H == 0) continue;  // same shapes for every lane, so the warp stays converged for group_sum
       const scalar_t* level = value_nm + lv.start * row_stride;
       acc_t* grad_level = grad_value_nm + lv.start * row_stride;
       for (int64_t p = 0; p < P; ++p) {
         const int64_t sample = l * P + p;
         const acc_t x = loc[2 * sample], y = loc[2 * sample + 1];
-        // A NaN sample loads no corner and adds nothing to grad_value; its gradients are set to NaN below.
-        const bool nan_sample = nan_location(x, y);
+        // A sample off the map (NaN and +-inf locations included) loads no corner and adds nothing to grad_value;
+        // its gradients follow the non-finite rule below.
         const Corners<acc_t> c = bilinear_corners<acc_t>(x, y, lv.H, lv.W);
         const acc_t a = att[sample];
         // dots[k] = <grad_out, corner k> over this lane's channels. The sampled value and its position gradient
         // are linear in the corner values, so they follow from the four dots (as in the CPU kernel), and being
         // linear they can be formed per lane and summed over the group afterwards: 3 reductions per sample.
         acc_t dots[4] = {0, 0, 0, 0};
-        if (lane_ok && c.any && !nan_sample) {
+        if (lane_ok && c.any) {
           for (int64_t tile = 0; tile < tiles; ++tile) {
             const int64_t d0 = (tile * group_size + lane) * VEC;
             if (d0 >= D) break;
@@ -221,7 +218,13 @@ __global__ void __launch_bounds__(kThreads)
         if (item_ok && lane == 0) {
           acc_t grad_x, grad_y;
           position_grad_to_location(grad_w_im, grad_h_im, lv.H, lv.W, grad_x, grad_y);
-          if (nan_sample) grad_x = grad_y = grad_a = quiet_nan<acc_t>();
+          if (!c.any) {
+            // As the in-map formulas with zero corner values: a * 0 (NaN for a NaN weight) for the location and a
+            // zero weight gradient; all NaN for a NaN location.
+            const bool nan_location = location_is_nan(x, y);
+            grad_x = grad_y = nan_location ? quiet_nan<acc_t>() : a * static_cast<acc_t>(0);
+            grad_a = nan_location ? quiet_nan<acc_t>() : static_cast<acc_t>(0);
+          }
           const int64_t idx = row * L * P + sample;
           grad_locations[2 * idx] = grad_x;
           grad_locations[2 * idx + 1] = grad_y;
@@ -252,14 +255,11 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t m = row % s.M;
     const int64_t n = row / (s.Q * s.M);
     const Level lv = read_level(shapes, starts, l, s.S);
-    Corners<acc_t> c;
-    const acc_t x = locations[2 * sample], y = locations[2 * sample + 1];
-    const bool used = lv.H > 0 && !nan_location(x, y);
-    if (used) c = bilinear_corners<acc_t>(x, y, lv.H, lv.W);
+    // An empty level, a NaN or an infinite location gives no valid corner (bilinear_corners), hence no entry.
+    const Corners<acc_t> c = bilinear_corners<acc_t>(locations[2 * sample], locations[2 * sample + 1], lv.H, lv.W);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const bool ok = used && c.valid[k];
-      keys[4 * sample + k] = ok ? (n * s.S + lv.start + c.offset[k]) * s.M + m : kNoDestination;
+      keys[4 * sample + k] = c.valid[k] ? (n * s.S + lv.start + c.offset[k]) * s.M + m : kNoDestination;
     }
   }
 }

@@ -14,8 +14,10 @@ Layouts (all tensors contiguous, row-major):
     out / grad_out   (N, Q, M * D)     index ((n * Q + q) * M + m) * D + d
 
 Bad data never leads to a stray access: a level whose map would leave [0, S) reads as empty (_read_level, the CUDA
-kernels' rule). NaN rule (DESIGN.md): a sample whose x or y is NaN makes every channel of its (n, q, m) head NaN,
-its location and weight gradients NaN, and adds nothing to grad_value; +-inf locations are outside the map.
+kernels' rule). Non-finite rule (DESIGN.md, csrc/ms_deform_attn/ms_deform_attn_math.h): a sample whose x or y is
+NaN makes every channel of its (n, q, m) head NaN, its location and weight gradients NaN, and adds nothing to
+grad_value; +-inf locations are outside the map; a NaN attention weight propagates by IEEE arithmetic (the corner
+weights of a sample off the map are finite and its corner values 0, so NaN * 0 poisons the head there too).
 
 The grid is one flat axis (N * M * Q-blocks * D-blocks) so that no dimension runs into CUDA's 65535 limit on
 grid axes 1 and 2; offsets are int64 because N * S * M * D exceeds 2^31 for large batches.
@@ -80,7 +82,8 @@ def _load_sample(loc_ptr, attn_ptr, sample, q_mask, H, W, level_ok, ACC: tl.cons
     a = tl.load(attn_ptr + sample, mask=q_mask, other=0.0).to(ACC)
     live = q_mask & level_ok
     h0, w0, lh, lw, h0_ok, h1_ok, w0_ok, w1_ok = _bilinear_corners(loc_x, loc_y, H, W, live)
-    is_nan = live & ((loc_x != loc_x) | (loc_y != loc_y))
+    # On an empty level too: the rule holds for every sample off the map (as the CPU and CUDA kernels do).
+    is_nan = q_mask & ((loc_x != loc_x) | (loc_y != loc_y))
     top = h0 * W + w0
     return a, lh, lw, top, top + W, h0_ok & w0_ok, h0_ok & w1_ok, h1_ok & w0_ok, h1_ok & w1_ok, is_nan
 
