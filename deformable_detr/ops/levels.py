@@ -100,7 +100,9 @@ class _Tables:
             return spatial_shapes, level_start_index
         pair = self.copies.get(device)
         if pair is None:
-            pair = (_to_index(spatial_shapes, device), _to_index(level_start_index, device))
+            # Outside inference mode: a copy made under torch.inference_mode() may serve a later training step.
+            with torch.inference_mode(False):
+                pair = (_to_index(spatial_shapes, device), _to_index(level_start_index, device))
             self.copies[device] = pair
         return pair
 
@@ -150,15 +152,18 @@ def offset_normalizer(
     entry = _tables(spatial_shapes, level_start_index, S)
     norm = entry.norms.get((device, dtype))
     if norm is None:
-        if entry.host is not None:
-            rows = [(w, h) for h, w in entry.host]
-            norm = torch.tensor(rows, dtype=dtype).reshape(-1, 2)
-            norm = norm.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else norm.to(device)
-        else:
-            norm = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(device=device, dtype=dtype)
+        with torch.inference_mode(False):
+            norm = _normalizer(entry, spatial_shapes, device, dtype)
         if entry.shapes_ref is not None:
             entry.norms[(device, dtype)] = norm
     return norm
+
+
+def _normalizer(entry: _Tables, spatial_shapes: torch.Tensor, device: torch.device, dtype: torch.dtype):
+    if entry.host is not None:
+        norm = torch.tensor([(w, h) for h, w in entry.host], dtype=dtype).reshape(-1, 2)
+        return norm.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else norm.to(device)
+    return torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(device=device, dtype=dtype)
 
 
 def clear_cache() -> None:
