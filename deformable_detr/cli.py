@@ -41,6 +41,7 @@ _TRAIN_FIELDS = {
     "eval_every": "eval_every",
     "max_dets": "max_dets",
     "max_steps_per_epoch": "max_steps_per_epoch",
+    "compile": "compile",
 }
 
 
@@ -93,6 +94,12 @@ def _add_train(sub) -> None:
         help="any model config field, e.g. --set hidden_dim=256 --set with_box_refine=True",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars, per-epoch log lines only")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the model (slow first step; pays on long runs / GPUs)",
+    )
 
 
 def _add_evaluate(sub) -> None:
@@ -106,6 +113,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--num-workers", type=int)
     p.add_argument("--max-dets", type=int)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (slow first step; pays on long runs / GPUs)"
+    )
 
 
 def _add_predict(sub) -> None:
@@ -115,6 +125,9 @@ def _add_predict(sub) -> None:
     p.add_argument("--output", required=True, metavar="DIR")
     p.add_argument("--threshold", type=float, default=0.5, help="minimum score drawn (default 0.5)")
     p.add_argument("--device")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (slow first step; pays on long runs / GPUs)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,11 +187,14 @@ def main(argv: list[str] | None = None) -> int:
                 num_workers=args.num_workers,
                 max_dets=args.max_dets,
                 quiet=args.quiet,
+                compile=args.compile,
             )
         else:
             from deformable_detr.engine.predict import predict
 
-            for record in predict(args.checkpoint, args.images, args.output, args.threshold, args.device):
+            for record in predict(
+                args.checkpoint, args.images, args.output, args.threshold, args.device, compile=args.compile
+            ):
                 print(f"{record['image']}: {len(record['detections'])} detections -> {record['output']}")
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -14,12 +14,13 @@ from deformable_detr.data import make_transforms
 from deformable_detr.engine.checkpoint import load_checkpoint_file
 from deformable_detr.engine.config import TrainConfig
 from deformable_detr.engine.modeling import build_components, model_config_from_dict
+from deformable_detr.models.inference import optimize_for_inference
 
 
 class Predictor:
     """A trained model, its eval transform and its label names, from a checkpoint written by ``train``."""
 
-    def __init__(self, checkpoint: str | Path, device: str | torch.device = "cpu"):
+    def __init__(self, checkpoint: str | Path, device: str | torch.device = "cpu", compile: bool = False):
         ckpt = load_checkpoint_file(checkpoint)
         self.train_config = TrainConfig.from_dict(ckpt.get("config", {}))
         self.model_name = ckpt.get("model_name", self.train_config.model)
@@ -28,6 +29,8 @@ class Predictor:
         self.model, _, self.postprocess = build_components(self.model_config, self.train_config.max_dets)
         self.model.load_state_dict(ckpt["model"])
         self.model.to(self.device).eval()
+        # Folded BN + channels_last (outputs equal within fp32 round-off); compile=True adds torch.compile.
+        self.model = optimize_for_inference(self.model, compile=compile, fullgraph=False, dynamic=None)
         self.label_to_category = ckpt.get("label_to_category", list(range(self.model_config.num_classes)))
         names = ckpt.get("category_names") or {}
         self.category_names = {int(k): v for k, v in names.items()}
@@ -94,6 +97,7 @@ def predict(
     output_dir: str | Path,
     threshold: float = 0.5,
     device: str | None = None,
+    compile: bool = False,
 ) -> list[dict]:
     """Write ``output_dir/<image stem>.png`` with drawn detections and ``output_dir/predictions.json`` (boxes in
     the input image's pixels; small images are drawn enlarged, see :func:`draw_detections`)."""
@@ -105,7 +109,7 @@ def predict(
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"predict: threshold must be in [0, 1], got {threshold}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    predictor = Predictor(checkpoint, device)
+    predictor = Predictor(checkpoint, device, compile=compile)
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     records = []

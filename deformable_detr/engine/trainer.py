@@ -29,6 +29,7 @@ from deformable_detr.engine.evaluator import CocoEvaluator
 from deformable_detr.engine.modeling import build_components, model_config_from_dict
 from deformable_detr.engine.optim import build_optimizer, build_scheduler
 from deformable_detr.engine.plotting import plot_losses
+from deformable_detr.models.inference import compile_model, optimize_for_inference
 
 EVAL_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -218,6 +219,8 @@ def _train(cfg: TrainConfig, info: du.DistInfo, device: torch.device) -> dict:
     train_model = model
     if info.enabled:
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = compile_model(train_model, fullgraph=False, dynamic=None)  # padded batches vary in size
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     _log(
         f"{cfg.model}: {n_params / 1e6:.2f}M trainable parameters, {len(train_set)} train / {len(val_set)} val "
@@ -305,6 +308,7 @@ def evaluate_checkpoint(
     num_workers: int | None = None,
     max_dets: int | None = None,
     quiet: bool = False,
+    compile: bool = False,
 ) -> dict:
     """COCO metrics of a training checkpoint on ``data``/``split`` (default: the ones it was trained with);
     prints the COCO table and writes the metrics as JSON to ``output`` (default ``eval_<split>.json`` beside the
@@ -342,6 +346,8 @@ def evaluate_checkpoint(
         model, _, postprocess = build_components(mcfg, cfg.max_dets)
         model.load_state_dict(ckpt["model"])
         model.to(dev)
+        if compile:  # folded BN + channels_last + torch.compile (outputs equal within fp32 round-off)
+            model = optimize_for_inference(model, compile=True, fullgraph=False, dynamic=None)
         loader = make_loader(val_set, cfg, info, train=False)
         evaluator = CocoEvaluator(val_set.annotation_file, val_set.label_to_category, cfg.max_dets)
         metrics = evaluate(
