@@ -173,3 +173,12 @@ def test_cli_compile_flag_trains_evaluates_and_predicts(tmp_path, monkeypatch):
     image = str(next((tmp_path / "data").rglob("*.png")))
     assert cli.main(["predict", "--checkpoint", ckpt, image, "--output", str(tmp_path / "pred"), "--compile"]) == 0
     assert len(calls) == 3
+
+
+def test_optimize_for_inference_detr_equal_outputs():
+    torch.manual_seed(13)
+    model = M.build(M.DETRConfig(backbone="resnet18", **TINY)).eval()
+    images = [_images(1, seed=14)[0], _images(1, 48, 80, seed=15)[0]]  # padded batch: the general path
+    with torch.no_grad():
+        expected = model(images)
+        _close(optimize_for_inference(model)(images), expected)
