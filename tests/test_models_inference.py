@@ -182,3 +182,19 @@ def test_optimize_for_inference_detr_equal_outputs():
     with torch.no_grad():
         expected = model(images)
         _close(optimize_for_inference(model)(images), expected)
+
+
+def test_hf_peer_benchmark_rows_agree(monkeypatch):
+    """bench_model_hf on a small image: every variant's outputs equal HF's (same weights) within 1e-4, and the
+    profile buckets cover the whole self time."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("timm")
+    from benchmarks import bench_model_hf
+
+    monkeypatch.setattr(bench_model_hf, "INFER_SIZE", (64, 96))
+    rows = bench_model_hf.run(compile=False, train_size=None, reps=1, budget_s=0)
+    assert {r["backend"] for r in rows} == {"ours", "ours-optimized", "hf", "hf+our-kernel"}
+    for row in rows:
+        assert row["status"] == "ok" and row["max_err"] <= 1e-4, row
+        assert sum(row["profile"].values()) == pytest.approx(1.0)
+    assert "| inference |" in bench_model_hf.markdown({}, rows)
