@@ -3,6 +3,7 @@ AdamW step) with the MSDA backend switched on one model, so every backend runs t
 
 GPU: the R50 recipe at 800×1333, batch 2. CPU: a small config (ResNet-18, 2+2 layers, 384×512, batch 1).
 Backbones start from random weights: nothing is downloaded, and timing does not depend on the values.
+The full CPU run adds the R50 comparison with HF transformers (benchmarks/bench_model_hf.py).
 """
 
 from __future__ import annotations
@@ -205,7 +206,14 @@ def run_model(
 
 
 def tasks(device, quick: bool) -> list[tuple[str, Callable[[], list[dict]]]]:
-    return [("model", lambda: run_model(device, quick))]
+    work = [("model", lambda: run_model(device, quick))]
+    if not quick and torch.device(device).type == "cpu":
+        # The R50 comparison with HF transformers (same weights): benchmarks/bench_model_hf.py; one row saying
+        # why when transformers/timm are not installed.
+        from benchmarks import bench_model_hf
+
+        work.append(("model-hf", lambda: bench_model_hf.run(train_compile=False)))
+    return work
 
 
 def main(argv=None) -> None:

@@ -46,6 +46,7 @@ _TRAIN_FIELDS = {
     "eval_every": "eval_every",
     "max_dets": "max_dets",
     "max_steps_per_epoch": "max_steps_per_epoch",
+    "compile": "compile",
 }
 
 
@@ -209,6 +210,12 @@ def _add_train(sub) -> None:
         "(keys listed below; default: the preset's)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars, per-epoch log lines only (default: off)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the model: a slow first step, pays on long runs and GPUs (default: off)",
+    )
 
 
 def _add_evaluate(sub) -> None:
@@ -232,6 +239,11 @@ def _add_evaluate(sub) -> None:
         "--max-dets", type=int, help="detections kept per image; AP/AR are computed at this cap (default: training's)"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model: a slow first step, pays on long runs and GPUs (default: off)",
+    )
 
 
 def _add_predict(sub) -> None:
@@ -254,6 +266,11 @@ def _add_predict(sub) -> None:
         f"the checkpoint by train; {DEFAULT_THRESHOLD} for a checkpoint without one)",
     )
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model: a slow first step, pays on long runs and GPUs (default: off)",
+    )
 
 
 def _version() -> str:
@@ -342,11 +359,20 @@ def main(argv: list[str] | None = None) -> int:
                 max_dets=args.max_dets,
                 quiet=args.quiet,
                 image_size=args.image_size,
+                compile=args.compile,
             )
         else:
             from deformable_detr.engine.predict import predict
 
-            records = predict(args.checkpoint, args.images, args.output, args.threshold, args.device, verbose=True)
+            records = predict(
+                args.checkpoint,
+                args.images,
+                args.output,
+                args.threshold,
+                args.device,
+                verbose=True,
+                compile=args.compile,
+            )
             for record in records:
                 print(f"{record['image']}: {len(record['detections'])} detections -> {record['output']}")
             skipped = len(args.images) - len(records)

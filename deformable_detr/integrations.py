@@ -35,10 +35,11 @@ def _make_forward(backend: str | None):
     ) -> torch.Tensor:
         from deformable_detr.ops.ms_deform_attn import ms_deform_attn
 
+        # int32 tables are accepted as they are; the op checks them once per table (identity + version).
         return ms_deform_attn(
             value,
-            value_spatial_shapes.to(torch.int64),
-            level_start_index.to(torch.int64),
+            value_spatial_shapes,
+            level_start_index,
             sampling_locations,
             attention_weights,
             backend=backend,

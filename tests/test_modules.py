@@ -152,3 +152,28 @@ def test_module_under_cpu_autocast_bfloat16(backend):
     expected = module(query, ref, flat, ss, lsi)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.05)
+
+
+def test_wrong_number_of_levels_is_a_named_error():
+    module = dd.MSDeformAttn(d_model=32, n_levels=4, n_heads=4, n_points=2)
+    query, ref, flat, ss, lsi = _module_inputs()  # 3 levels
+    with pytest.raises(ValueError, match=r"input_spatial_shapes .*n_levels=4"):
+        module(query, torch.cat([ref, ref[:, :, :1]], 2), flat, ss, lsi)
+    module3 = dd.MSDeformAttn(d_model=32, n_levels=3, n_heads=4, n_points=2)
+    with pytest.raises(ValueError, match="reference_points .*n_levels=3"):
+        module3(query, torch.cat([ref, ref[:, :, :1]], 2), flat, ss, lsi)
+
+
+@pytest.mark.parametrize("ref_dim", [2, 4])
+def test_module_accepts_int32_level_tables(ref_dim):
+    module = _randomize(dd.MSDeformAttn(d_model=32, n_levels=3, n_heads=4, n_points=2))
+    query, ref, flat, ss, lsi = _module_inputs(ref_dim=ref_dim)
+    torch.testing.assert_close(module(query, ref, flat, ss.int(), lsi.int()), module(query, ref, flat, ss, lsi))
+
+
+def test_module_on_meta_tensors():
+    with torch.device("meta"):
+        module = dd.MSDeformAttn(d_model=32, n_levels=3, n_heads=4, n_points=2)
+    query, ref, flat, ss, lsi = (t.to("meta") for t in _module_inputs())
+    out = module(query, ref, flat, ss, lsi)
+    assert out.device.type == "meta" and out.shape == query.shape

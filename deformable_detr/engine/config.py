@@ -49,6 +49,8 @@ class TrainConfig:
     max_dets: int = 100
     # Caps the steps of each epoch (smoke tests, quick experiments); None = the whole dataset.
     max_steps_per_epoch: int | None = None
+    # torch.compile the model for the train steps (deformable_detr.models.compile_model).
+    compile: bool = False
 
     def validate(self) -> None:
         if self.model not in MODELS:

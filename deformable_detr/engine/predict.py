@@ -16,6 +16,7 @@ from deformable_detr.data import make_transforms
 from deformable_detr.engine.checkpoint import load_checkpoint_file
 from deformable_detr.engine.config import TrainConfig
 from deformable_detr.engine.modeling import build_components, describe_backend, model_config_from_dict
+from deformable_detr.models.inference import optimize_for_inference
 
 # predict's score threshold when the checkpoint carries none (one trained before thresholds were stored, or never
 # evaluated); checkpoints written by train hold the F1-optimal threshold of their last evaluation.
@@ -30,7 +31,7 @@ class Predictor:
     (``DEFAULT_THRESHOLD`` when it has none); the returned detections are not filtered by it.
     """
 
-    def __init__(self, checkpoint: str | Path, device: str | torch.device = "cpu"):
+    def __init__(self, checkpoint: str | Path, device: str | torch.device = "cpu", compile: bool = False):
         ckpt = load_checkpoint_file(checkpoint)
         self.train_config = TrainConfig.from_dict(ckpt.get("config", {}))
         self.model_name = ckpt.get("model_name", self.train_config.model)
@@ -39,6 +40,8 @@ class Predictor:
         self.model, _, self.postprocess = build_components(self.model_config, self.train_config.max_dets)
         self.model.load_state_dict(ckpt["model"])
         self.model.to(self.device).eval()
+        # Folded BN + channels_last (outputs equal within fp32 round-off); compile=True adds torch.compile.
+        self.model = optimize_for_inference(self.model, compile=compile, fullgraph=False, dynamic=None)
         self.label_to_category = ckpt.get("label_to_category", list(range(self.model_config.num_classes)))
         names = ckpt.get("category_names") or {}
         self.category_names = {int(k): v for k, v in names.items()}
@@ -131,6 +134,7 @@ def predict(
     device: str | None = None,
     on_skip: Callable[[str], None] | None = None,
     verbose: bool = False,
+    compile: bool = False,
 ) -> list[dict]:
     """Write ``output_dir/<image stem>.png`` with drawn detections and ``output_dir/predictions.json`` (boxes in
     the input image's pixels; small images are drawn enlarged, see :func:`draw_detections`).
@@ -144,7 +148,7 @@ def predict(
         raise ValueError(f"predict: threshold must be in [0, 1], got {threshold}")
     on_skip = on_skip or (lambda message: print(message, file=sys.stderr))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    predictor = Predictor(checkpoint, device)
+    predictor = Predictor(checkpoint, device, compile=compile)
     if verbose:
         print(describe_backend(predictor.model_config, predictor.device), flush=True)
     threshold = predictor.score_threshold if threshold is None else threshold

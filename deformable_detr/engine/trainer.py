@@ -30,6 +30,7 @@ from deformable_detr.engine.modeling import build_components, describe_backend, 
 from deformable_detr.engine.optim import build_optimizer, build_scheduler
 from deformable_detr.engine.plotting import plot_losses
 from deformable_detr.engine.preflight import check_images, check_packages
+from deformable_detr.models.inference import compile_model, optimize_for_inference
 
 EVAL_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -223,6 +224,8 @@ def _train(cfg: TrainConfig, info: du.DistInfo, device: torch.device) -> dict:
     train_model = model
     if info.enabled:
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = compile_model(train_model, fullgraph=False, dynamic=None)  # padded batches vary in size
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     _log(
         f"{cfg.model}: {n_params / 1e6:.2f}M trainable parameters, {len(train_set)} train / {len(val_set)} val "
@@ -322,6 +325,7 @@ def evaluate_checkpoint(
     max_dets: int | None = None,
     quiet: bool = False,
     image_size: int | None = None,
+    compile: bool = False,
 ) -> dict:
     """COCO metrics of a training checkpoint on ``data``/``split`` (default: the ones it was trained with);
     prints the COCO table and writes the metrics as JSON to ``output`` (default ``eval_<split>.json`` beside the
@@ -373,6 +377,8 @@ def evaluate_checkpoint(
         model.to(dev)
         if info.is_main and not quiet:
             print(describe_backend(mcfg, dev), flush=True)
+        if compile:  # folded BN + channels_last + torch.compile (outputs equal within fp32 round-off)
+            model = optimize_for_inference(model, compile=True, fullgraph=False, dynamic=None)
         loader = make_loader(val_set, cfg, info, train=False)
         evaluator = CocoEvaluator(val_set.annotation_file, val_set.label_to_category, cfg.max_dets)
         metrics = evaluate(

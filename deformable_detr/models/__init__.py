@@ -12,6 +12,10 @@ Stable entry points (the train/eval pipeline relies on these):
 - ``build_postprocess(config) -> PostProcess``: ``postprocess(outputs, target_sizes [B, 2] (h, w))`` -> list
   of dicts ``scores``, ``labels``, ``boxes`` (absolute xyxy). No NMS.
 - ``load_checkpoint(model, source) -> LoadReport``: official ``.pth`` files or HF transformers state dicts.
+- ``optimize_for_inference(model, *, fold_batchnorm=True, channels_last=True, compile=False, **compile_kwargs)``:
+  eval mode, frozen BN folded into the convolutions, channels_last backbone, optionally ``torch.compile``
+  (fullgraph). ``compile_model(model, **kwargs)``: ``torch.compile(model, fullgraph=True, dynamic=False)``, also
+  for training.
 """
 
 from deformable_detr.models.builder import build, build_backbone, build_criterion, build_postprocess
@@ -19,6 +23,7 @@ from deformable_detr.models.checkpoint import LoadReport, convert_hf_state_dict,
 from deformable_detr.models.config import DeformableDETRConfig, DETRConfig
 from deformable_detr.models.criterion import SetCriterion
 from deformable_detr.models.image_batch import ImageBatch, to_image_batch
+from deformable_detr.models.inference import compile_model, fold_frozen_batchnorm, optimize_for_inference
 from deformable_detr.models.postprocess import PostProcess
 
 __all__ = [
@@ -32,7 +37,10 @@ __all__ = [
     "build_backbone",
     "build_criterion",
     "build_postprocess",
+    "compile_model",
     "convert_hf_state_dict",
+    "fold_frozen_batchnorm",
     "load_checkpoint",
+    "optimize_for_inference",
     "to_image_batch",
 ]

@@ -125,11 +125,12 @@ class DeformableDETR(nn.Module):
             mask = batch.mask_at(src.shape[-2:])
             srcs.append(src)
             masks.append(mask)
-            pos.append(self.backbone[1](src, mask).to(src.dtype))
+            pos.append(self.backbone.position(src, mask, batch.padded))
 
         query_embeds = None if self.two_stage else self.query_embed.weight
+        # No padding (known on the host): the transformer skips the per-layer masking and reuses its tables.
         hs, init_reference, inter_references, enc_class, enc_coord_unact = self.transformer(
-            srcs, masks, pos, query_embeds
+            srcs, None if batch.padded is False else masks, pos, query_embeds
         )
         outputs_classes, outputs_coords = [], []
         for lvl in range(hs.shape[0]):

@@ -14,12 +14,27 @@ import math
 import torch
 from torch import nn
 
-from deformable_detr.models.layers import activation, inverse_sigmoid
+from deformable_detr.models.layers import ShapeCache, activation, inverse_sigmoid
 from deformable_detr.modules import MSDeformAttn
 
 
 def _with_pos(tensor: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
     return tensor if pos is None else tensor + pos
+
+
+def level_tables(spatial_shapes_list, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``spatial_shapes`` [L, 2] and ``level_start_index`` [L] (int64, on ``device``) from the host's level sizes:
+    no device arithmetic, and on CUDA a non-blocking copy instead of a synchronising one."""
+    starts, start = [], 0
+    for h, w in spatial_shapes_list:
+        starts.append(start)
+        start += h * w
+    spatial_shapes = torch.tensor(spatial_shapes_list, dtype=torch.long).reshape(-1, 2)
+    level_start_index = torch.tensor(starts, dtype=torch.long)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.compiler.is_compiling():
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in (spatial_shapes, level_start_index))
+    return spatial_shapes.to(device), level_start_index.to(device)
 
 
 class DeformableTransformerEncoderLayer(nn.Module):
@@ -100,8 +115,10 @@ class DeformableTransformerEncoder(nn.Module):
         reference_points = torch.cat(reference_points_list, 1)
         return reference_points[:, :, None] * valid_ratios[:, None]
 
-    def forward(self, src, spatial_shapes, spatial_shapes_list, level_start_index, valid_ratios, pos, padding_mask):
-        reference_points = self.get_reference_points(spatial_shapes_list, valid_ratios, src.device)
+    def forward(self, src, spatial_shapes, spatial_shapes_list, level_start_index, valid_ratios, pos, padding_mask,
+                reference_points=None):  # fmt: skip
+        if reference_points is None:
+            reference_points = self.get_reference_points(spatial_shapes_list, valid_ratios, src.device)
         for layer in self.layers:
             src = layer(src, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
         return src
@@ -181,6 +198,7 @@ class DeformableTransformer(nn.Module):
             num_decoder_layers,
         )
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
+        self._static = ShapeCache()
         if two_stage:
             self.enc_output = nn.Linear(d_model, d_model)
             self.enc_output_norm = nn.LayerNorm(d_model)
@@ -201,6 +219,28 @@ class DeformableTransformer(nn.Module):
             nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
             nn.init.constant_(self.reference_points.bias, 0.0)
         nn.init.normal_(self.level_embed)
+
+    def _static_tables(self, spatial_shapes_list, batch: int, device):
+        """(spatial_shapes, level_start_index, valid_ratios, encoder reference points) of an unpadded batch: a
+        function of the level sizes only, made once per size (the op then also finds its checks cached)."""
+
+        def make():
+            spatial_shapes, level_start_index = level_tables(spatial_shapes_list, device)
+            valid_ratios = torch.ones((1, len(spatial_shapes_list), 2), device=device)
+            reference_points = DeformableTransformerEncoder.get_reference_points(
+                spatial_shapes_list, valid_ratios, device
+            )
+            return spatial_shapes, level_start_index, valid_ratios, reference_points
+
+        spatial_shapes, level_start_index, valid_ratios, reference_points = self._static.get(
+            (tuple(spatial_shapes_list), torch.device(device)), make
+        )
+        return (
+            spatial_shapes,
+            level_start_index,
+            valid_ratios.expand(batch, -1, -1),
+            reference_points.expand(batch, -1, -1, -1),
+        )
 
     def get_proposal_pos_embed(self, proposals: torch.Tensor) -> torch.Tensor:
         """Sine embedding of proposal boxes (logits) [B, K, 4] -> [B, K, 2*d_model]."""
@@ -252,6 +292,7 @@ class DeformableTransformer(nn.Module):
 
     def forward(self, srcs, masks, pos_embeds, query_embed=None):
         """srcs/masks/pos_embeds: per level [B, D, H, W] / [B, H, W] / [B, D, H, W]; query_embed [Q, 2D].
+        ``masks=None`` means no pixel is padding (no masking; tables reused per input size).
 
         Returns hs [num_dec_layers, B, Q, D], init_reference [B, Q, 2|4], inter_references
         [num_dec_layers, B, Q, 2|4], and for two-stage the encoder's class logits and box logits (else None).
@@ -259,29 +300,40 @@ class DeformableTransformer(nn.Module):
         if not self.two_stage and query_embed is None:
             raise ValueError("query_embed is required unless two_stage=True")
         src_flatten, mask_flatten, lvl_pos_embed_flatten, spatial_shapes_list = [], [], [], []
-        for lvl, (src, mask, pos_embed) in enumerate(zip(srcs, masks, pos_embeds)):
+        for lvl, (src, pos_embed) in enumerate(zip(srcs, pos_embeds)):
             bs, c, h, w = src.shape
             spatial_shapes_list.append((h, w))
             src_flatten.append(src.flatten(2).transpose(1, 2))
-            mask_flatten.append(mask.flatten(1))
+            if masks is not None:
+                mask_flatten.append(masks[lvl].flatten(1))
             lvl_pos_embed_flatten.append(pos_embed.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
         src_flatten = torch.cat(src_flatten, 1)
-        mask_flatten = torch.cat(mask_flatten, 1)
         lvl_pos_embed_flatten = torch.cat(lvl_pos_embed_flatten, 1)
-        spatial_shapes = torch.as_tensor(spatial_shapes_list, dtype=torch.long, device=src_flatten.device)
-        level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
-        valid_ratios = torch.stack([self.get_valid_ratio(m) for m in masks], 1)
+        encoder_reference_points = None
+        if masks is None:
+            mask_flatten = None
+            spatial_shapes, level_start_index, valid_ratios, encoder_reference_points = self._static_tables(
+                spatial_shapes_list, bs, src_flatten.device
+            )
+        else:
+            mask_flatten = torch.cat(mask_flatten, 1)
+            spatial_shapes, level_start_index = level_tables(spatial_shapes_list, src_flatten.device)
+            valid_ratios = torch.stack([self.get_valid_ratio(m) for m in masks], 1)
 
         memory = self.encoder(
             src_flatten, spatial_shapes, spatial_shapes_list, level_start_index, valid_ratios,
-            lvl_pos_embed_flatten, mask_flatten,
+            lvl_pos_embed_flatten, mask_flatten, encoder_reference_points,
         )  # fmt: skip
 
         bs, _, c = memory.shape
         enc_outputs_class = enc_outputs_coord_unact = None
         if self.two_stage:
+            if mask_flatten is None:
+                memory_padding_mask = memory.new_zeros(memory.shape[:2], dtype=torch.bool)
+            else:
+                memory_padding_mask = mask_flatten
             output_memory, output_proposals = self.gen_encoder_output_proposals(
-                memory, mask_flatten, spatial_shapes_list
+                memory, memory_padding_mask, spatial_shapes_list
             )
             # The extra (last) heads score every encoder pixel; the top-k become the decoder's queries.
             enc_outputs_class = self.decoder.class_embed[self.decoder.num_layers](output_memory)

@@ -11,16 +11,24 @@ import torch.nn.functional as F
 
 @dataclass
 class ImageBatch:
-    """``tensors`` [B, C, H, W]; ``mask`` [B, H, W] bool, True where a pixel is padding."""
+    """``tensors`` [B, C, H, W]; ``mask`` [B, H, W] bool, True where a pixel is padding.
+
+    ``padded``: False when it is known on the host that no pixel is padding (a batch tensor, or a list of
+    same-size images); the model then skips mask arithmetic and reuses position encodings and level tables per
+    input size. None (unknown) for masks given by the caller.
+    """
 
     tensors: torch.Tensor
     mask: torch.Tensor
+    padded: bool | None = None
 
     def to(self, device) -> ImageBatch:
-        return ImageBatch(self.tensors.to(device), self.mask.to(device))
+        return ImageBatch(self.tensors.to(device), self.mask.to(device), self.padded)
 
     def mask_at(self, size: Sequence[int]) -> torch.Tensor:
         """The padding mask resized (nearest) to a feature map's ``(h, w)``, as the originals do it."""
+        if self.padded is False:
+            return self.mask.new_zeros((self.mask.shape[0], *size))
         return F.interpolate(self.mask[None].float(), size=tuple(size)).to(torch.bool)[0]
 
 
@@ -36,7 +44,7 @@ def to_image_batch(images) -> ImageBatch:
         if images.dim() != 4 or not images.is_floating_point():
             raise ValueError(f"images must be a float tensor [B, C, H, W], got {tuple(images.shape)} {images.dtype}")
         b, _, h, w = images.shape
-        return ImageBatch(images, torch.zeros((b, h, w), dtype=torch.bool, device=images.device))
+        return ImageBatch(images, torch.zeros((b, h, w), dtype=torch.bool, device=images.device), padded=False)
     if isinstance(images, (tuple, list)):
         if len(images) == 0:
             raise ValueError("images is an empty list")
@@ -56,5 +64,6 @@ def to_image_batch(images) -> ImageBatch:
         for img, pad_img, m in zip(images, tensors, mask):
             pad_img[:, : img.shape[1], : img.shape[2]].copy_(img)
             m[: img.shape[1], : img.shape[2]] = False
-        return ImageBatch(tensors, mask)
+        padded = any(img.shape[1] != h or img.shape[2] != w for img in images)
+        return ImageBatch(tensors, mask, padded=padded)
     raise TypeError(f"images must be a Tensor, a list of Tensors or an ImageBatch, got {type(images).__name__}")

@@ -43,3 +43,32 @@ def activation(name: str):
     if name == "glu":
         return F.glu
     raise ValueError(f"activation must be relu, gelu or glu, got {name!r}")
+
+
+class ShapeCache:
+    """Parameter-free tensors that depend only on an input size (position encodings, level tables, reference
+    points), made once per key instead of on every forward.
+
+    Bypassed under ``torch.compile`` (the graph computes them and the compiler folds them). Entries are made
+    outside inference mode and without autograd, so a cache filled under ``torch.inference_mode()`` still serves
+    a later training step. Small and bounded: detection inputs come in few sizes.
+    """
+
+    def __init__(self, max_entries: int = 16):
+        self.max_entries = max_entries
+        self._entries: dict = {}
+
+    def get(self, key, make):
+        if torch.compiler.is_compiling():
+            return make()
+        value = self._entries.get(key)
+        if value is None:
+            with torch.inference_mode(False), torch.no_grad():
+                value = make()
+            if len(self._entries) >= self.max_entries:
+                del self._entries[next(iter(self._entries))]
+            self._entries[key] = value
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()

@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from deformable_detr.models.layers import ShapeCache
+
 
 class PositionEmbeddingSine(nn.Module):
     def __init__(
@@ -31,6 +33,17 @@ class PositionEmbeddingSine(nn.Module):
         self.normalize = normalize
         self.scale = 2 * math.pi if scale is None else scale
         self.offset = offset
+        self._unpadded = ShapeCache()
+
+    def unpadded(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoding of a feature map with no padding: a function of its size only, made once per size and
+        shared by the batch ([1, ...] expanded to [B, 2*num_pos_feats, H, W])."""
+        b, _, h, w = x.shape
+
+        def make():
+            return self.forward(x[:1], torch.zeros((1, h, w), dtype=torch.bool, device=x.device))
+
+        return self._unpadded.get((h, w, x.device), make).expand(b, -1, -1, -1)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x [B, C, H, W] (for shape/device only); mask [B, H, W] True at padding -> [B, 2*num_pos_feats, H, W]."""

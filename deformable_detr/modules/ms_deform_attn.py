@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deformable_detr.ops.levels import offset_normalizer
 from deformable_detr.ops.ms_deform_attn import ms_deform_attn
 
 
@@ -106,6 +107,16 @@ class MSDeformAttn(nn.Module):
         """
         N, Len_q, _ = query.shape
         N, Len_in, _ = input_flatten.shape
+        if input_spatial_shapes.shape != (self.n_levels, 2):
+            raise ValueError(
+                f"MSDeformAttn: input_spatial_shapes must have shape (n_levels, 2) = ({self.n_levels}, 2) for this "
+                f"module (n_levels={self.n_levels}), got {tuple(input_spatial_shapes.shape)}"
+            )
+        if reference_points.dim() != 4 or reference_points.shape[2] not in (1, self.n_levels):
+            raise ValueError(
+                f"MSDeformAttn: reference_points must have shape (N, Len_q, n_levels, 2 or 4) with "
+                f"n_levels={self.n_levels}, got {tuple(reference_points.shape)}"
+            )
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
@@ -114,10 +125,12 @@ class MSDeformAttn(nn.Module):
         attention_weights = self.attention_weights(query).view(N, Len_q, self.n_heads, self.n_levels * self.n_points)
         attention_weights = F.softmax(attention_weights, -1).view(N, Len_q, self.n_heads, self.n_levels, self.n_points)
         if reference_points.shape[-1] == 2:
-            offset_normalizer = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1)
+            # (W_l, H_l) per level, made once per level table (cached with the table's checks).
+            normalizer = offset_normalizer(
+                input_spatial_shapes, input_level_start_index, Len_in, query.device, sampling_offsets.dtype
+            )
             sampling_locations = (
-                reference_points[:, :, None, :, None, :]
-                + sampling_offsets / offset_normalizer[None, None, None, :, None, :]
+                reference_points[:, :, None, :, None, :] + sampling_offsets / normalizer[None, None, None, :, None, :]
             )
         elif reference_points.shape[-1] == 4:
             sampling_locations = (

@@ -19,10 +19,12 @@ import os
 import torch
 
 from deformable_detr._extension import extension_loaded, has_kernel, load_error
+from deformable_detr.ops.levels import prepare_levels
 from deformable_detr.ops.reference import ms_deform_attn_reference
 
 BACKENDS = ("cuda", "triton", "cpu", "pytorch")
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_INDEX_DTYPES = (torch.int64, torch.int32)
 _OP = "ms_deform_attn"
 
 
@@ -108,44 +110,76 @@ def _auto_backend(device: torch.device) -> str:
     return "pytorch"
 
 
+# (requested backend, device) -> backend that runs; eager calls only (torch.device hashing is cheap, its .type
+# is not: ~0.7 us per read).
+_RESOLVED: dict[tuple[str | None, torch.device], str] = {}
+
+
+def _resolve_backend(backend: str | None, device: torch.device) -> str:
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        resolved = _RESOLVED.get((backend, device))
+        if resolved is not None:
+            return resolved
+    if backend is None or backend == "auto":
+        resolved = _auto_backend(device)
+    else:
+        missing = _backend_missing(backend, device)
+        if missing is not None:
+            raise RuntimeError(f"ms_deform_attn: {missing}")
+        resolved = backend
+    if not compiling:
+        _RESOLVED[(backend, device)] = resolved
+    return resolved
+
+
+_ARG_NAMES = ("value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights")
+
+
 def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> None:
-    """Shape/dtype validation with messages naming the argument. No device synchronisation."""
-    tensors = {
-        "value": value,
-        "spatial_shapes": spatial_shapes,
-        "level_start_index": level_start_index,
-        "sampling_locations": sampling_locations,
-        "attention_weights": attention_weights,
-    }
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"ms_deform_attn: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if value.dim() != 4:
-        raise ValueError(f"ms_deform_attn: value must have shape (N, S, M, D), got {tuple(value.shape)}")
+    """Shape/dtype/device validation with messages naming the argument: attribute reads only (no tensor math,
+    no device synchronisation); the tables' values are checked by :mod:`deformable_detr.ops.levels`."""
+    Tensor = torch.Tensor
+    if not (
+        isinstance(value, Tensor)
+        and isinstance(spatial_shapes, Tensor)
+        and isinstance(level_start_index, Tensor)
+        and isinstance(sampling_locations, Tensor)
+        and isinstance(attention_weights, Tensor)
+    ):
+        args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        for name, t in zip(_ARG_NAMES, args):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"ms_deform_attn: {name} must be a torch.Tensor, got {type(t).__name__}")
+    value_shape = value.shape
+    if len(value_shape) != 4:
+        raise ValueError(f"ms_deform_attn: value must have shape (N, S, M, D), got {tuple(value_shape)}")
     if value.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"ms_deform_attn: value must be float32, float64, float16 or bfloat16, got {value.dtype}")
-    N, S, M, D = value.shape
-    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
-        raise ValueError(f"ms_deform_attn: spatial_shapes must have shape (L, 2), got {tuple(spatial_shapes.shape)}")
-    if spatial_shapes.dtype != torch.int64:
-        raise TypeError(f"ms_deform_attn: spatial_shapes must be int64, got {spatial_shapes.dtype}")
-    L = spatial_shapes.shape[0]
+    N, S, M, D = value_shape
+    shapes_shape = spatial_shapes.shape
+    if len(shapes_shape) != 2 or shapes_shape[1] != 2:
+        raise ValueError(f"ms_deform_attn: spatial_shapes must have shape (L, 2), got {tuple(shapes_shape)}")
+    if spatial_shapes.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"ms_deform_attn: spatial_shapes must be int64 (or int32), got {spatial_shapes.dtype}")
+    L = shapes_shape[0]
     if level_start_index.shape != (L,):
         raise ValueError(
             f"ms_deform_attn: level_start_index must have shape (L,) = ({L},), got {tuple(level_start_index.shape)}"
         )
-    if level_start_index.dtype != torch.int64:
-        raise TypeError(f"ms_deform_attn: level_start_index must be int64, got {level_start_index.dtype}")
-    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
+    if level_start_index.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"ms_deform_attn: level_start_index must be int64 (or int32), got {level_start_index.dtype}")
+    loc_shape = sampling_locations.shape
+    if len(loc_shape) != 6 or loc_shape[5] != 2:
         raise ValueError(
             "ms_deform_attn: sampling_locations must have shape (N, Q, M, L, P, 2) with last dim (x, y), "
-            f"got {tuple(sampling_locations.shape)}"
+            f"got {tuple(loc_shape)}"
         )
-    Q, P = sampling_locations.shape[1], sampling_locations.shape[4]
-    if (sampling_locations.shape[0], sampling_locations.shape[2], sampling_locations.shape[3]) != (N, M, L):
+    Q, P = loc_shape[1], loc_shape[4]
+    if loc_shape[0] != N or loc_shape[2] != M or loc_shape[3] != L:
         raise ValueError(
             f"ms_deform_attn: sampling_locations must have shape (N, Q, M, L, P, 2) = ({N}, Q, {M}, {L}, P, 2) "
-            f"to match value {tuple(value.shape)} and spatial_shapes (L={L}), got {tuple(sampling_locations.shape)}"
+            f"to match value {tuple(value_shape)} and spatial_shapes (L={L}), got {tuple(loc_shape)}"
         )
     if not sampling_locations.is_floating_point():
         raise TypeError(f"ms_deform_attn: sampling_locations must be a floating dtype, got {sampling_locations.dtype}")
@@ -156,27 +190,11 @@ def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, 
         )
     if not attention_weights.is_floating_point():
         raise TypeError(f"ms_deform_attn: attention_weights must be a floating dtype, got {attention_weights.dtype}")
-    for name in ("sampling_locations", "attention_weights"):
-        if tensors[name].device != value.device:
-            raise ValueError(f"ms_deform_attn: {name} is on {tensors[name].device}, value on {value.device}")
-    # Level sizes must add up to S. Checked where it costs no device sync (shapes on the CPU, eager mode); on
-    # CUDA the kernels bound every read to the level's map instead.
-    if spatial_shapes.device.type == "cpu" and not torch.compiler.is_compiling():
-        sizes = spatial_shapes.prod(1)
-        if bool((spatial_shapes < 0).any()):
-            raise ValueError(f"ms_deform_attn: spatial_shapes must be non-negative, got {spatial_shapes.tolist()}")
-        total = int(sizes.sum())
-        if total != S:
-            raise ValueError(
-                f"ms_deform_attn: sum of H*W over spatial_shapes ({total}) must equal value.shape[1] (S = {S})"
-            )
-        if level_start_index.device.type == "cpu":
-            expected = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
-            if not torch.equal(level_start_index, expected):
-                raise ValueError(
-                    f"ms_deform_attn: level_start_index must be {expected.tolist()} (cumulative H*W), "
-                    f"got {level_start_index.tolist()}"
-                )
+    device = value.device
+    if sampling_locations.device != device or attention_weights.device != device:
+        for name, t in (("sampling_locations", sampling_locations), ("attention_weights", attention_weights)):
+            if t.device != device:
+                raise ValueError(f"ms_deform_attn: {name} is on {t.device}, value on {device}")
 
 
 def position_dtype(value_dtype: torch.dtype) -> torch.dtype:
@@ -197,8 +215,8 @@ def ms_deform_attn(
 
     Args:
         value: (N, S, M, D), S = sum of H_l * W_l.
-        spatial_shapes: (L, 2) int64 rows (H_l, W_l).
-        level_start_index: (L,) int64, start of each level in S.
+        spatial_shapes: (L, 2) int64 (or int32) rows (H_l, W_l), on value's device or on the CPU.
+        level_start_index: (L,) int64 (or int32), start of each level in S.
         sampling_locations: (N, Q, M, L, P, 2) normalized (x, y); values outside [0, 1] are legal.
         attention_weights: (N, Q, M, L, P).
         backend: None/"auto" (fastest available for the device), "cuda", "triton", "cpu" or "pytorch".
@@ -211,22 +229,24 @@ def ms_deform_attn(
     diverging model is not hidden. A location at +-inf lies outside every map: it contributes 0, zero gradients.
     A NaN attention weight propagates by IEEE arithmetic: out[n, q, m, :] is NaN (also outside the map, NaN * 0),
     its location gradient is NaN, grad_value is NaN at its in-map corners, its own gradient stays finite.
+
+    Every call checks shapes, dtypes and devices; the level tables' values (sizes, starts, sum = S) are checked
+    once per table and cached by tensor identity and version counter (``deformable_detr.ops.levels``), so
+    passing the same tables to every layer costs a few microseconds. Meta tensors run the fake kernel.
     """
     _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     device = value.device
-    if backend is None or backend == "auto":
-        backend = _auto_backend(device)
-    else:
-        missing = _backend_missing(backend, device)
-        if missing is not None:
-            raise RuntimeError(f"ms_deform_attn: {missing}")
+    spatial_shapes, level_start_index = prepare_levels(spatial_shapes, level_start_index, value.shape[1], device)
+    if device.type == "meta":
+        return _meta_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    backend = _resolve_backend(backend, device)
     if backend == "pytorch":
         return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     pos_dtype = position_dtype(value.dtype)
-    spatial_shapes = spatial_shapes.to(device)
-    level_start_index = level_start_index.to(device)
-    sampling_locations = sampling_locations.to(pos_dtype)
-    attention_weights = attention_weights.to(pos_dtype)
+    if sampling_locations.dtype != pos_dtype:
+        sampling_locations = sampling_locations.to(pos_dtype)
+    if attention_weights.dtype != pos_dtype:
+        attention_weights = attention_weights.to(pos_dtype)
     if backend == "triton":
         return _triton_module().ms_deform_attn_triton(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
@@ -234,6 +254,20 @@ def ms_deform_attn(
     return torch.ops.deformable_detr.ms_deform_attn(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights
     )
+
+
+def _meta_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """Meta tensors (shape inference, ``torch.device("meta")`` model construction): the op's fake kernel when
+    the extension is loaded (autograd included), else an empty result of the contract's shape."""
+    pos_dtype = position_dtype(value.dtype)
+    sampling_locations = sampling_locations.to(pos_dtype)
+    attention_weights = attention_weights.to(pos_dtype)
+    if extension_loaded():
+        return torch.ops.deformable_detr.ms_deform_attn(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
+    N, _, M, D = value.shape
+    return value.new_empty((N, sampling_locations.shape[1], M * D))
 
 
 # --- fake kernels and autograd, registered only for ops that exist (an unguarded register_fake would break

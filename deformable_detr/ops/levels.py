@@ -1,0 +1,171 @@
+"""Level tables (``spatial_shapes``, ``level_start_index``) checked once per table instead of once per call.
+
+Checking the tables' values (non-negative sizes, starts = cumulative H*W, sum = S) and converting them (int32 ->
+int64, CPU -> the value's device) is what made the op wrapper cost ~6x the raw op on small inputs. A model
+passes the same two tensors to every layer, so the result is cached, keyed by the tensors' identity and their
+version counters:
+
+- identity: ``id()`` plus a weak reference that must still point at the same tensor (an ``id`` can be reused
+  after the tensor dies; its weak reference is then dead and the entry no longer matches);
+- contents: ``Tensor._version`` is bumped by every in-place write (``t[0] = 5``, ``t.add_(1)``, ``copy_``),
+  so an edited table is checked again. Writes that bypass version counting (through ``t.data`` or raw storage)
+  are not seen; the C++ CPU op re-checks the values it reads, and the CUDA kernels bound every read per level.
+
+Tables that cannot be keyed safely (inference-mode tensors, which have no version counter; tensor subclasses;
+meta tensors) are checked on every call the same way, with host reads only of CPU tables (``tolist``, no tensor
+math). Under ``torch.compile`` nothing is cached and no value is read: the graph converts with ``.to``.
+
+On CUDA nothing here synchronises: values are read only from CPU tables, and a CPU table's device copy is made
+once, from pinned memory, without blocking.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+_MAX_ENTRIES = 64
+_INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def _read_host_levels(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, S: int) -> list | None:
+    """Check a CPU table's values (in the order the errors were always raised); returns the host rows, or None
+    when the shapes live on a device (not readable without a sync, or no data at all for meta tensors)."""
+    if spatial_shapes.device.type != "cpu":
+        return None
+    shapes = spatial_shapes.tolist()
+    if any(h < 0 or w < 0 for h, w in shapes):
+        raise ValueError(f"ms_deform_attn: spatial_shapes must be non-negative, got {shapes}")
+    total = sum(h * w for h, w in shapes)
+    if total != S:
+        raise ValueError(
+            f"ms_deform_attn: sum of H*W over spatial_shapes ({total}) must equal value.shape[1] (S = {S})"
+        )
+    if level_start_index.device.type == "cpu":
+        expected, start = [], 0
+        for h, w in shapes:
+            expected.append(start)
+            start += h * w
+        starts = level_start_index.tolist()
+        if starts != expected:
+            raise ValueError(f"ms_deform_attn: level_start_index must be {expected} (cumulative H*W), got {starts}")
+    return shapes
+
+
+def _to_index(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` as int64 on ``device``; ``t`` itself when it already is (no copy)."""
+    if t.dtype is torch.int64 and t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        # A pageable host->device copy would block the host; a pinned, non-blocking one does not.
+        return t.to(torch.int64).pin_memory().to(device, non_blocking=True)
+    return t.to(device=device, dtype=torch.int64)
+
+
+class _Tables:
+    """One checked (spatial_shapes, level_start_index) pair: its total size, host rows (CPU tables) and the
+    converted copies / offset normalizers made so far."""
+
+    __slots__ = ("shapes_ref", "starts_ref", "shapes_version", "starts_version", "total", "host", "copies", "norms")
+
+    def __init__(self, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, S: int):
+        self.host = _read_host_levels(spatial_shapes, level_start_index, S)
+        self.total = None if self.host is None else S
+        self.shapes_ref = self.starts_ref = None
+        self.copies: dict = {}
+        self.norms: dict = {}
+
+    def matches(self, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor) -> bool:
+        return (
+            self.shapes_ref() is spatial_shapes
+            and self.starts_ref() is level_start_index
+            and self.shapes_version == spatial_shapes._version
+            and self.starts_version == level_start_index._version
+        )
+
+    def check_total(self, S: int) -> None:
+        if self.total is not None and self.total != S:
+            raise ValueError(
+                f"ms_deform_attn: sum of H*W over spatial_shapes ({self.total}) must equal value.shape[1] (S = {S})"
+            )
+
+    def on(self, device: torch.device, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor):
+        if (
+            spatial_shapes.dtype is torch.int64
+            and level_start_index.dtype is torch.int64
+            and spatial_shapes.device == device
+            and level_start_index.device == device
+        ):
+            return spatial_shapes, level_start_index
+        pair = self.copies.get(device)
+        if pair is None:
+            # Outside inference mode: a copy made under torch.inference_mode() may serve a later training step.
+            with torch.inference_mode(False):
+                pair = (_to_index(spatial_shapes, device), _to_index(level_start_index, device))
+            self.copies[device] = pair
+        return pair
+
+
+_CACHE: dict[tuple[int, int], _Tables] = {}
+
+
+def _cacheable(t: torch.Tensor) -> bool:
+    return type(t) is torch.Tensor and not t.is_inference() and t.device.type != "meta"
+
+
+def _tables(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, S: int) -> _Tables:
+    key = (id(spatial_shapes), id(level_start_index))
+    entry = _CACHE.get(key)
+    if entry is not None and entry.matches(spatial_shapes, level_start_index):
+        entry.check_total(S)
+        return entry
+    entry = _Tables(spatial_shapes, level_start_index, S)  # raises on bad values: errors are never cached
+    if _cacheable(spatial_shapes) and _cacheable(level_start_index):
+        entry.shapes_ref, entry.starts_ref = weakref.ref(spatial_shapes), weakref.ref(level_start_index)
+        entry.shapes_version, entry.starts_version = spatial_shapes._version, level_start_index._version
+        _CACHE.pop(key, None)
+        if len(_CACHE) >= _MAX_ENTRIES:
+            del _CACHE[next(iter(_CACHE))]
+        _CACHE[key] = entry
+    return entry
+
+
+def prepare_levels(
+    spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, S: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tables as int64 on ``device`` after the value checks (ValueError naming the argument)."""
+    if torch.compiler.is_compiling():
+        return (
+            spatial_shapes.to(device=device, dtype=torch.int64),
+            level_start_index.to(device=device, dtype=torch.int64),
+        )
+    return _tables(spatial_shapes, level_start_index, S).on(device, spatial_shapes, level_start_index)
+
+
+def offset_normalizer(
+    spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, S: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """(L, 2) rows (W_l, H_l) in ``dtype`` on ``device``: what ``MSDeformAttn`` divides pixel offsets by."""
+    if torch.compiler.is_compiling():
+        return torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(device=device, dtype=dtype)
+    entry = _tables(spatial_shapes, level_start_index, S)
+    norm = entry.norms.get((device, dtype))
+    if norm is None:
+        with torch.inference_mode(False):
+            norm = _normalizer(entry, spatial_shapes, device, dtype)
+        if entry.shapes_ref is not None:
+            entry.norms[(device, dtype)] = norm
+    return norm
+
+
+def _normalizer(entry: _Tables, spatial_shapes: torch.Tensor, device: torch.device, dtype: torch.dtype):
+    if entry.host is not None:
+        norm = torch.tensor([(w, h) for h, w in entry.host], dtype=dtype).reshape(-1, 2)
+        return norm.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else norm.to(device)
+    return torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(device=device, dtype=dtype)
+
+
+def clear_cache() -> None:
+    """Drop every cached table (tests; or to release device copies early)."""
+    _CACHE.clear()
