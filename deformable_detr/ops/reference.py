@@ -51,7 +51,9 @@ def ms_deform_attn_reference(
         # (N, Q, M, P, 2) -> (N*M, Q, P, 2)
         grid_l = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
         if h == 0 or w == 0:
-            sampled.append(value.new_zeros((N * M, D, Q, P)))
+            # Nothing to sample, but keep the grid in the graph (x 0): a NaN weight or location of a sample on an
+            # empty level still reaches its location gradient as NaN * 0, as in the kernels.
+            sampled.append(value.new_zeros((N * M, D, Q, P)) + grid_l.sum(-1).unsqueeze(1) * 0)
             continue
         sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False))
     # (N, Q, M, L, P) -> (N*M, 1, Q, L*P)
