@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The one script a lent GPU runs (shared/GPU.md): build the extension with the device's own torch, install
+# The one script to run on a GPU machine (`OUT=results_dir bash benchmarks/gpu_check.sh`): build the extension with the device's own torch, install
 # offline peers, `pytest -m gpu`, compute-sanitizer memcheck + racecheck on a small GPU test subset, then the
 # full benchmarks. Every stage logs under $OUT and the run goes on after a failure; the exit status is the
 # number of failed stages. Prints a short table last.
 #
-# Files under $OUT (the device tool returns at most 8): summary.txt, build.log, pytest_gpu.log, sanitizer.log,
+# Files under $OUT (kept to 8 so that they are easy to copy back): summary.txt, build.log, pytest_gpu.log, sanitizer.log,
 # bench.log and the benchmark's <device>-<date>.{json,md,png}.
 #
 # Environment (all optional):

@@ -1,4 +1,4 @@
-"""Float64 oracle of the MSDA contract (DESIGN.md), written from the definition: explicit corners and bilinear
+"""Float64 oracle of the MSDA contract (README, "Operator contract"), written from the definition: explicit corners and bilinear
 weights, gathered with index arithmetic; deliberately not grid_sample. Gradients come from autograd through it
 (the floor is locally constant, so d/dx of the fractional part is 1, as in the kernels). Never edit this to match
 a kernel."""

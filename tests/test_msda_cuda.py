@@ -1,7 +1,7 @@
 """GPU tests of the CUDA MSDA kernels (csrc/ms_deform_attn/cuda/). Every test needs a CUDA device and is skipped
-without one; benchmarks/gpu_check.sh runs them on a lent GPU.
+without one; benchmarks/gpu_check.sh runs them on a GPU machine.
 
-Judged against a float64 oracle written here from the DESIGN.md contract (explicit corners, index arithmetic,
+Judged against a float64 oracle written here from the README's operator contract (explicit corners, index arithmetic,
 not grid_sample; gradients by autograd through it). Half types follow the flash-attention rule: kernel error vs
 float64 <= 2 x (error of the PyTorch reference run in the same dtype) + a small tolerance.
 
@@ -498,7 +498,7 @@ def test_compute_sanitizer_memcheck_clean():
 
 
 def test_nan_and_infinite_locations():
-    """NaN rule (DESIGN.md): a NaN x or y makes its head's output NaN in every channel and its location / weight
+    """NaN rule (README, "Backends"): a NaN x or y makes its head's output NaN in every channel and its location / weight
     gradients NaN, adding nothing to grad_value; +-inf and 1e30 locations are outside the map (zero). The same rule
     runs on the CPU under the SIMT emulator (tests/test_simt_msda.py::test_nan_inf_locations)."""
     value, shapes, starts, locations, weights = random_inputs(1, 6, 2, 4, [(4, 5), (2, 3)], 2, torch.float32)

@@ -3,7 +3,7 @@ evaluated on finite stand-ins (``expected_under_rule``) on the CPU backends, on 
 emulator (tests/simt/; both backward paths), on a GPU when there is one, and on the Triton kernels under the
 interpreter (tests/test_msda_triton.py, ``test_interp_non_finite_rule``).
 
-The rule (DESIGN.md contract, ``deformable_detr.ops.ms_deform_attn`` docstring):
+The rule (README "Backends", ``deformable_detr.ops.ms_deform_attn`` docstring):
 - a sample whose x or y is NaN makes every channel of out[n, q, m, :] NaN; its gradients w.r.t. both coordinates
   and its attention weight are NaN, and it adds nothing to grad_value;
 - a sample at x or y = +-inf lies outside every map: it contributes 0 and has zero gradients;

@@ -1,6 +1,6 @@
 """Public entry point of multi-scale deformable attention: validation, backend choice, autograd and fake kernels.
 
-Backends (all compute the contract in DESIGN.md):
+Backends (all compute the contract in README, "Operator contract"):
 - ``"cuda"``: hand-written CUDA kernels of the compiled extension (``torch.ops.deformable_detr.ms_deform_attn``).
 - ``"triton"``: Triton kernels (``torch.ops.deformable_detr.ms_deform_attn_triton``), CUDA tensors, or CPU tensors
   under ``TRITON_INTERPRET=1``.
@@ -211,7 +211,7 @@ def ms_deform_attn(
     *,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Multi-scale deformable attention (DESIGN.md contract).
+    """Multi-scale deformable attention (README, "Operator contract").
 
     Args:
         value: (N, S, M, D), S = sum of H_l * W_l.

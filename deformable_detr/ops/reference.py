@@ -1,5 +1,5 @@
 """Pure-PyTorch multi-scale deformable attention built on ``F.grid_sample``: the benchmark baseline and the
-fallback that runs everywhere. It computes the operator contract of DESIGN.md in the dtype of ``value``."""
+fallback that runs everywhere. It computes the operator contract (README, "Operator contract") in the dtype of ``value``."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ Layouts (all tensors contiguous, row-major):
     out / grad_out   (N, Q, M * D)     index ((n * Q + q) * M + m) * D + d
 
 Bad data never leads to a stray access: a level whose map would leave [0, S) reads as empty (_read_level, the CUDA
-kernels' rule). Non-finite rule (DESIGN.md, csrc/ms_deform_attn/ms_deform_attn_math.h): a sample whose x or y is
+kernels' rule). Non-finite rule (README "Backends", csrc/ms_deform_attn/ms_deform_attn_math.h): a sample whose x or y is
 NaN makes every channel of its (n, q, m) head NaN, its location and weight gradients NaN, and adds nothing to
 grad_value; +-inf locations are outside the map; a NaN attention weight propagates by IEEE arithmetic (the corner
 weights of a sample off the map are finite and its corner values 0, so NaN * 0 poisons the head there too).

@@ -184,7 +184,7 @@ def ms_deform_attn_triton(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """Triton MSDA (DESIGN.md contract) on already-validated inputs; differentiable and torch.compile-able.
+    """Triton MSDA (README, "Operator contract") on already-validated inputs; differentiable and torch.compile-able.
 
     ``spatial_shapes`` / ``level_start_index`` must be int64 on ``value``'s device. Returns (N, Q, M * D) in
     ``value``'s dtype; accumulation is float32 (float64 for float64 values).
