@@ -6,10 +6,10 @@
 // transaction. When D > G * VEC the group walks the channels in tiles. Design, byte counts and predictions:
 // benchmarks/NOTES.md. Launch shapes: ms_deform_attn_launch.h.
 //
-// Non-finite rule (README "Backends", ms_deform_attn_math.h): a NaN x or y makes every channel of its head NaN, its location
-// and weight gradients NaN, and adds nothing to grad_value; +-inf locations lie outside the map; a NaN attention
-// weight propagates by IEEE arithmetic, also off the map (NaN * 0). bilinear_corners() reports NaN and infinite
-// locations as !any, so the kernels test for NaN only on that rare off-map path.
+// Non-finite rule (README "Backends", ms_deform_attn_math.h): a NaN x or y makes every channel of its head NaN, its
+// location and weight gradients NaN, and adds nothing to grad_value; +-inf locations lie outside the map; a NaN
+// attention weight propagates by IEEE arithmetic, also off the map (NaN * 0). bilinear_corners() reports NaN and
+// infinite locations as !any, so the kernels test for NaN only on that rare off-map path.
 #pragma once
 
 #include <ATen/OpMathType.h>
