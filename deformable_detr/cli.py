@@ -13,7 +13,7 @@ import ast
 import json
 import sys
 
-from deformable_detr.engine.config import AMP_MODES, MODELS, TrainConfig, coco_preset, demo_preset
+from deformable_detr.engine.config import AMP_MODES, MODELS, TrainConfig, coco_preset, demo_preset, trees_preset
 
 # CLI flag -> TrainConfig field, for the flags that override a preset only when given.
 _TRAIN_FIELDS = {
@@ -57,7 +57,11 @@ def _parse_override(text: str) -> tuple[str, object]:
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a detector; writes checkpoint.pth, log.jsonl, eval.json, loss.png")
-    p.add_argument("--data", help="'synthetic' (built-in, generated on first use) or a COCO-format folder")
+    p.add_argument(
+        "--data",
+        help="'synthetic' (built-in, generated on first use), 'neon-trees' (aerial tree crowns read from the "
+        "optional deepforest wheel: pip install --no-deps deepforest==2.1.0) or a COCO-format folder",
+    )
     p.add_argument("--output-dir", help="where checkpoint.pth, log.jsonl, eval.json and loss.png go")
     p.add_argument("--model", choices=MODELS)
     p.add_argument("--epochs", type=int)
@@ -75,7 +79,9 @@ def _add_train(sub) -> None:
     p.add_argument("--backbone-weights", metavar="FILE", help="local torchvision ResNet state dict")
     p.add_argument("--num-workers", type=int)
     p.add_argument("--image-size", type=int, help="shortest side at eval (800 for COCO; train sizes scale with it)")
-    p.add_argument("--augmentation", choices=("detr", "flip", "none"))
+    p.add_argument(
+        "--augmentation", choices=("detr", "flip", "aerial", "none"), help="aerial: flips and 90-degree rotations"
+    )
     p.add_argument("--label-map", choices=("contiguous", "category_id"))
     p.add_argument("--train-split")
     p.add_argument("--val-split")
@@ -98,13 +104,18 @@ def _add_train(sub) -> None:
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="COCO box metrics of a checkpoint; prints the table, writes JSON")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", help="'synthetic' or a COCO folder (default: what the checkpoint was trained on)")
+    p.add_argument(
+        "--data", help="'synthetic', 'neon-trees' or a COCO folder (default: what the checkpoint was trained on)"
+    )
     p.add_argument("--split", help="split to evaluate (default: the checkpoint's val split)")
     p.add_argument("--output", help="metrics JSON path (default: eval_<split>.json beside the checkpoint)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--device")
     p.add_argument("--num-workers", type=int)
     p.add_argument("--max-dets", type=int)
+    p.add_argument(
+        "--image-size", type=int, help="shortest side at eval (default: the checkpoint's; larger for whole scenes)"
+    )
     p.add_argument("--quiet", action="store_true")
 
 
@@ -136,7 +147,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         if args.data is None or args.output_dir is None:
             raise SystemExit("train: --data and --output-dir are required (unless --resume)")
         model = args.model or "deformable_detr"
-        cfg = demo_preset(model) if args.data == "synthetic" else coco_preset(model)
+        presets = {"synthetic": demo_preset, "neon-trees": trees_preset}
+        cfg = presets.get(args.data, coco_preset)(model)
     for flag, name in _TRAIN_FIELDS.items():
         value = getattr(args, flag)
         if value is not None:
@@ -173,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                 device=args.device,
                 num_workers=args.num_workers,
                 max_dets=args.max_dets,
+                image_size=args.image_size,
                 quiet=args.quiet,
             )
         else:

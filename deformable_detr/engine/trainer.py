@@ -304,6 +304,7 @@ def evaluate_checkpoint(
     device: str | None = None,
     num_workers: int | None = None,
     max_dets: int | None = None,
+    image_size: int | None = None,
     quiet: bool = False,
 ) -> dict:
     """COCO metrics of a training checkpoint on ``data``/``split`` (default: the ones it was trained with);
@@ -318,6 +319,8 @@ def evaluate_checkpoint(
         cfg.num_workers = num_workers
     if max_dets is not None:
         cfg.max_dets = max_dets
+    if image_size is not None:
+        cfg.image_size = image_size
     cfg.quiet = quiet
     cfg.validate()
     info = du.env_dist_info()
