@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 
 import numpy as np
 import pytest
@@ -262,12 +263,7 @@ def test_aerial_augmentation_gives_all_symmetries_and_consistent_boxes():
 def test_real_files_and_default_plan():
     source = nt.find_data_dir()
     counts = {stem: len(nt.read_voc(source / f"{stem}.xml")[2]) for stem, _, _ in nt.DEFAULT_PLAN}
-    assert counts == {
-        "2019_YELL_2_528000_4978000_image_crop2": 574,
-        "OSBS_029": 61,
-        "SOAP_061": 37,
-        "2019_YELL_2_541000_4977000_image_crop": 279,
-    }
+    assert counts == {"2019_YELL_2_528000_4978000_image_crop2": 574, "2019_YELL_2_541000_4977000_image_crop": 279}
     sizes = {stem: nt._image_size(source / f"{stem}.png") for stem in counts}
     assert sizes["2019_YELL_2_541000_4977000_image_crop"] == (1249, 1035)
     nt.check_plan_disjoint(nt.NeonTreesSpec(), sizes)
@@ -279,3 +275,38 @@ def test_real_files_and_default_plan():
         for b in nt.read_voc(source / f"{stem}.xml")[2]
     )
     assert largest <= nt.NeonTreesSpec().overlap
+
+
+def test_trees_metrics_count_up_to_max_dets(tmp_path):
+    from benchmarks.trees_common import coco_metrics
+
+    boxes = [[0, 0, 10, 10], [20, 20, 10, 10], [40, 0, 10, 10]]
+    coco = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 60, "height": 40}],
+        "annotations": [
+            {"id": i + 1, "image_id": 1, "category_id": 1, "bbox": b, "area": 100, "iscrowd": 0}
+            for i, b in enumerate(boxes)
+        ],
+        "categories": [{"id": 1, "name": "tree"}],
+    }
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(coco))
+    dets = [{"image_id": 1, "category_id": 1, "bbox": b, "score": 0.9 - 0.1 * i} for i, b in enumerate(boxes)]
+    full = coco_metrics(path, dets, [1], 3)
+    assert full["AP"] == full["AP50"] == full["AR@3"] == full["R50@3"] == 1.0
+    capped = coco_metrics(path, dets, [1], 2)  # the lowest-scoring correct box falls past the cap
+    assert capped["R50@2"] == pytest.approx(2 / 3) and capped["AP50"] < 1.0
+    assert coco_metrics(path, [], [1], 2)["AP50"] == 0.0
+
+
+def test_budgeted_training_stops_at_the_cpu_budget():
+    from benchmarks.trees_common import train_budgeted
+
+    def step(_):
+        end = time.process_time() + 0.02
+        while time.process_time() < end:
+            pass
+
+    history = train_budgeted(step, lambda epoch: range(5), lambda: {"val_AP50": 0.5}, 0.25, log=lambda _: None)
+    assert [h["steps"] for h in history][:2] == [5, 5] and sum(h["steps"] for h in history) in (13, 14)
+    assert history[-1]["train_cpu_s"] >= 0.25 and all(h["val_AP50"] == 0.5 for h in history)
