@@ -170,7 +170,7 @@ def report(out_dir: Path) -> None:
             epochs = len(h) - 1 + h[-1]["steps"] / max(e["steps"] for e in h)
             lines.append(
                 f"| {data} | {r['label']} | {r['budget_cpu_s']:.0f} | {epochs:.1f} | {h[-1]['train_wall_s']:.0f} | "
-                f"{curve} | {ap50[-1]:.3f} | {h[-1]['val_AP']:.3f} |"
+                f"{curve} | {ap50[-1]:.3f} | {h[-1]['val_AP']:.3f} |".replace("| -1.000 |", "| n/a |")
             )
         axes[row, 0].set(title=f"{data}: held-out AP50 per epoch", xlabel="epoch", ylabel="AP50")
         axes[row, 1].set(title=f"{data}: AP50 vs training time", xlabel="training time (process CPU s, 2 threads)")

@@ -25,8 +25,8 @@ of each image, is what makes ``dense`` possible at all (a dense image must be se
 with training), and no tile near a split border can leak context.
 
 Why 1000-pixel tiles: DETR-family heads predict box sizes relative to the image, so a model trained on small
-tiles predicts crowns several times too large on a whole scene (measured: a model trained on 400-pixel tiles scored
-AP50 ~0 on the dense image while scoring on its tiles). Training tiles as large as the dense image keep crowns at
+tiles learns crown sizes for small images (in a short trial, 4 epochs on 400-pixel tiles scored AP50 0.015 on the
+held-out tiles but 0.0001 on the whole held-out image). Training tiles as large as the dense image keep crowns at
 the same relative size in both, and each tile holds 100+ crowns, the regime where the number of queries matters.
 ``OSBS_029`` and ``SOAP_061`` (400×400, other sites, 98 crowns) are not used: at a 1000-pixel tile size they would
 be seen at a different relative scale.
