@@ -78,6 +78,15 @@ def coco_metrics(annotation_file, detections: list[dict], image_ids, max_dets: i
     return {k: round(v, 6) for k, v in zip(keys, values)}
 
 
+def model_input(image: Image.Image, scale: float) -> torch.Tensor:
+    """The eval transform (resize by ``scale``, ImageNet normalisation) of one PIL image."""
+    side = max(1, round(min(image.size) * scale))
+    empty = tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(image.height, image.width))
+    transform = make_transforms(False, image_size=side, max_size=None)
+    tensor, _ = transform(image, {"boxes": empty, "labels": torch.zeros(0, dtype=torch.int64)})
+    return tensor
+
+
 class DetrPredictor:
     """A DETR / Deformable DETR model on PIL images, at a fixed pixel ``scale`` (model pixels per image pixel)."""
 
@@ -87,10 +96,7 @@ class DetrPredictor:
 
     @torch.no_grad()
     def __call__(self, image: Image.Image) -> dict:
-        side = max(1, round(min(image.size) * self.scale))
-        transform = make_transforms(False, image_size=side, max_size=None)
-        empty = tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(image.height, image.width))
-        tensor, _ = transform(image, {"boxes": empty, "labels": torch.zeros(0, dtype=torch.int64)})
+        tensor = model_input(image, self.scale)
         outputs = self.model([tensor])
         result = self.postprocess(outputs, torch.tensor([[image.height, image.width]]))[0]
         return {k: v.detach().cpu() for k, v in result.items()}
@@ -105,10 +111,7 @@ class TorchvisionPredictor:
 
     @torch.no_grad()
     def __call__(self, image: Image.Image) -> dict:
-        side = max(1, round(min(image.size) * self.scale))
-        transform = make_transforms(False, image_size=side, max_size=None)
-        empty = tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(image.height, image.width))
-        tensor, _ = transform(image, {"boxes": empty, "labels": torch.zeros(0, dtype=torch.int64)})
+        tensor = model_input(image, self.scale)
         set_identity_transform(self.model, tensor.shape[-2:])
         result = self.model([tensor])[0]
         factor = torch.tensor([image.width / tensor.shape[-1], image.height / tensor.shape[-2]] * 2)

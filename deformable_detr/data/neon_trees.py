@@ -247,7 +247,7 @@ def prepare_neon_trees(
 ) -> Path:
     """Write the COCO folder (once; reused when complete) and return its path. ``source_dir`` defaults to the
     installed ``deepforest/data``; ``root`` to ``$DEFORMABLE_DETR_CACHE`` or ``~/.cache/deformable_detr``."""
-    from deformable_detr.data.synthetic import default_cache_dir
+    from deformable_detr.data.synthetic import default_cache_dir, publish_folder
 
     spec = spec or NeonTreesSpec()
     spec.validate()
@@ -266,16 +266,5 @@ def prepare_neon_trees(
     tmp = base / f".neon-trees-{os.getpid()}-{spec.digest(version)}"
     for split in SPLITS:
         _write_split(spec, source, tmp, split)
-    with open(tmp / "spec.json", "w") as f:
-        json.dump({"package": PACKAGE, "version": version, **asdict(spec)}, f, indent=1)
-    (tmp / "COMPLETE").touch()
-    try:
-        os.rename(tmp, target)
-    except OSError:
-        # Another process finished first with an identical folder (same spec, deterministic).
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    if not (target / "COMPLETE").exists():
-        raise RuntimeError(f"prepare_neon_trees: could not create {target}")
-    return target
+    record = {"package": PACKAGE, "version": version, **asdict(spec)}
+    return publish_folder(tmp, target, record, "prepare_neon_trees")
