@@ -1,6 +1,6 @@
 """DETR vs Deformable DETR (with and without box refinement), and torchvision's Faster R-CNN, under one CPU budget.
 
-``python -m benchmarks.trees_convergence run --data neon-trees --model detr --budget 360 --out DIR`` trains one
+``python -m benchmarks.trees_convergence run --data neon-trees --model detr --budget 500 --out DIR`` trains one
 model from the CLI preset of that data (``synthetic``: the demo preset; ``neon-trees``: the trees preset, 450
 queries, 100 for ``deformable_detr_100q``) for ``--budget`` CPU seconds of training steps, evaluates held-out AP50
 after every epoch and writes ``DIR/<data>-<model>.json``; on ``neon-trees`` it also scores the final model on the dense split (450 and 100

@@ -1,7 +1,7 @@
 """The peer on the tree crowns: torchvision's Faster R-CNN (RPN + RoI head, NMS) from the same backbone init.
 
-``python -m benchmarks.trees_peer --budget 360 --out DIR`` trains Faster R-CNN and Deformable DETR (100 queries)
-on ``neon-trees`` under the same CPU budget and scores both the same way (held-out AP50 per epoch, then the dense
+``python -m benchmarks.trees_peer --budget 500 --out DIR`` trains Faster R-CNN and Deformable DETR (the preset's
+450 queries) on ``neon-trees`` under the same CPU budget and scores both the same way (held-out AP50 per epoch, then the dense
 split at 450 and 100 detections); it is ``trees_convergence run`` for those two models. Only torchvision is
 needed.
 
