@@ -23,6 +23,8 @@ setup: $(STAMP) build
 $(STAMP): requirements-dev.txt pyproject.toml
 	$(PYTHON_BOOT) -m venv $(VENV)
 	$(PY) -m pip install --upgrade -r requirements-dev.txt
+	# Optional data for `--data neon-trees` and its tests: files only, so none of its heavy dependencies.
+	$(PY) -m pip install --no-deps deepforest==2.1.0
 	DEFORMABLE_DETR_NO_EXT=1 $(PY) -m pip install --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 

@@ -16,7 +16,7 @@ import textwrap
 
 from deformable_detr.data.coco import LABEL_MAPS
 from deformable_detr.data.transforms import AUGMENTATIONS
-from deformable_detr.engine.config import AMP_MODES, MODELS, TrainConfig, coco_preset, demo_preset
+from deformable_detr.engine.config import AMP_MODES, MODELS, TrainConfig, coco_preset, demo_preset, trees_preset
 from deformable_detr.engine.predict import DEFAULT_THRESHOLD
 from deformable_detr.engine.preflight import MissingPackageError
 
@@ -65,6 +65,7 @@ def _presets() -> dict[str, TrainConfig]:
     return {
         "synthetic": demo_preset("deformable_detr"),
         "synthetic --model detr": demo_preset("detr"),
+        "neon-trees": trees_preset("deformable_detr"),
         "COCO": coco_preset("deformable_detr"),
         "COCO --model detr": coco_preset("detr"),
     }
@@ -147,7 +148,11 @@ def _add_train(sub) -> None:
         TRAIN_EXAMPLES + "\n" + _set_keys_epilog(),
     )
     req = p.add_argument_group("required (unless --resume)")
-    req.add_argument("--data", help="'synthetic' (built in, generated on first use) or a COCO-format folder")
+    req.add_argument(
+        "--data",
+        help="'synthetic' (built in, generated on first use), 'neon-trees' (aerial tree crowns read from the optional "
+        "deepforest wheel: pip install --no-deps deepforest==2.1.0) or a COCO-format folder",
+    )
     req.add_argument("--output-dir", help="where checkpoint.pth, log.jsonl, eval.json and loss.png go")
     p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint.pth written by train (default: none)")
     p.add_argument("--model", choices=MODELS, help="default: deformable_detr")
@@ -228,7 +233,9 @@ def _add_evaluate(sub) -> None:
     )
     req = p.add_argument_group("required")
     req.add_argument("--checkpoint", required=True, metavar="CKPT", help="a checkpoint.pth written by train")
-    p.add_argument("--data", help="'synthetic' or a COCO folder (default: what the checkpoint was trained on)")
+    p.add_argument(
+        "--data", help="'synthetic', 'neon-trees' or a COCO folder (default: what the checkpoint was trained on)"
+    )
     p.add_argument("--split", help="split to evaluate, e.g. val2017, crowded (default: the checkpoint's val split)")
     p.add_argument("--output", help="metrics JSON path (default: eval_<split folder>.json beside the checkpoint)")
     p.add_argument("--image-size", type=int, help="shortest side images are resized to (default: the training one)")
@@ -320,7 +327,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         if args.data is None or args.output_dir is None:
             raise SystemExit("train: --data and --output-dir are required (unless --resume)")
         model = args.model or "deformable_detr"
-        cfg = demo_preset(model) if args.data == "synthetic" else coco_preset(model)
+        presets = {"synthetic": demo_preset, "neon-trees": trees_preset}
+        cfg = presets.get(args.data, coco_preset)(model)
     for flag, name in _TRAIN_FIELDS.items():
         value = getattr(args, flag)
         if value is not None:

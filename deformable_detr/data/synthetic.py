@@ -165,8 +165,14 @@ def prepare_synthetic(spec: SyntheticSpec | None = None, root: str | os.PathLike
     for split, count in spec.split_sizes().items():
         if count > 0:
             _write_split(spec, tmp, split, count)
+    return publish_folder(tmp, target, asdict(spec), "prepare_synthetic")
+
+
+def publish_folder(tmp: Path, target: Path, spec: dict, caller: str) -> Path:
+    """Write ``spec.json`` and the ``COMPLETE`` mark into the freshly written ``tmp`` and rename it to ``target``
+    (atomic: readers see a complete folder or none)."""
     with open(tmp / "spec.json", "w") as f:
-        json.dump(asdict(spec), f, indent=1)
+        json.dump(spec, f, indent=1)
     (tmp / "COMPLETE").touch()
     try:
         os.rename(tmp, target)
@@ -176,5 +182,5 @@ def prepare_synthetic(spec: SyntheticSpec | None = None, root: str | os.PathLike
 
         shutil.rmtree(tmp, ignore_errors=True)
     if not (target / "COMPLETE").exists():
-        raise RuntimeError(f"prepare_synthetic: could not create {target}")
+        raise RuntimeError(f"{caller}: could not create {target}")
     return target

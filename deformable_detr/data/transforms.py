@@ -3,7 +3,9 @@
 The original recipe at ``image_size=800``: random horizontal flip, then with probability 1/2 either a random
 shortest-side resize to one of 480..800 (step 32, longest side ≤ 1333), or a resize to 400/500/600, a random crop
 of 384..600 pixels per side and the random resize again; then ImageNet normalisation. Eval resizes the shortest
-side to 800. Smaller ``image_size`` values scale every number in proportion (the CPU demo uses 128).
+side to 800. ``aerial`` (nadir imagery, e.g. ``neon-trees``): horizontal and vertical flips and 90-degree
+rotations, then the eval resize. Smaller ``image_size`` values scale every number in proportion (the CPU demo uses
+128).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from torchvision.transforms.v2 import functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-AUGMENTATIONS = ("detr", "flip", "none")
+AUGMENTATIONS = ("detr", "flip", "aerial", "none")
 
 
 class RandomSizeCrop(v2.Transform):
@@ -38,6 +40,32 @@ class RandomSizeCrop(v2.Transform):
 
     def transform(self, inpt, params):
         return self._call_kernel(F.crop, inpt, **params)
+
+
+class RandomRot90(v2.Transform):
+    """Rotate by ``k`` x 90 degrees counter-clockwise, ``k`` uniform in 0..3 (exact: no interpolation). With the
+    flips this gives all eight symmetries of the square, valid for nadir aerial imagery."""
+
+    def make_params(self, flat_inputs):
+        return {"k": int(torch.randint(0, 4, ()).item())}
+
+    def transform(self, inpt, params):
+        k = params["k"]
+        if k == 0:
+            return inpt
+        if isinstance(inpt, tv_tensors.BoundingBoxes):
+            boxes = F.convert_bounding_box_format(inpt, new_format=tv_tensors.BoundingBoxFormat.XYXY)
+            height, width = inpt.canvas_size
+            xyxy = boxes.as_subclass(torch.Tensor)
+            for _ in range(k):
+                # One quarter turn maps a point (x, y) of a W-wide image to (y, W - x); the canvas becomes H x W.
+                xyxy = torch.stack([xyxy[:, 1], width - xyxy[:, 2], xyxy[:, 3], width - xyxy[:, 0]], dim=1)
+                height, width = width, height
+            out = tv_tensors.BoundingBoxes(xyxy, format=tv_tensors.BoundingBoxFormat.XYXY, canvas_size=(height, width))
+            return F.convert_bounding_box_format(out, new_format=inpt.format)
+        if isinstance(inpt, (tv_tensors.Image, tv_tensors.Mask)):
+            return tv_tensors.wrap(torch.rot90(inpt.as_subclass(torch.Tensor), k, dims=(-2, -1)), like=inpt)
+        return inpt
 
 
 class NormalizeBoxes(v2.Transform):
@@ -71,6 +99,8 @@ def make_transforms(
     steps: list = [v2.ToImage()]
     if train and augmentation != "none":
         steps.append(v2.RandomHorizontalFlip())
+    if train and augmentation == "aerial":
+        steps += [v2.RandomVerticalFlip(), RandomRot90()]
     if train and augmentation == "detr":
         scales = _scaled(range(480, 801, 32), image_size)
         crop_min, crop_max = _scaled([384, 600], image_size)

@@ -323,8 +323,8 @@ def evaluate_checkpoint(
     device: str | None = None,
     num_workers: int | None = None,
     max_dets: int | None = None,
-    quiet: bool = False,
     image_size: int | None = None,
+    quiet: bool = False,
     compile: bool = False,
 ) -> dict:
     """COCO metrics of a training checkpoint on ``data``/``split`` (default: the ones it was trained with);
