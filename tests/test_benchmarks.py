@@ -30,11 +30,12 @@ def test_time_interleaved_medians_order_and_errors():
     def broken():
         raise ValueError("boom")
 
-    fns = {"fast": make("fast", 0.003), "slow": make("slow", 0.009), "broken": broken}
+    # Far apart (3 ms vs 40 ms) so that a loaded CI machine's scheduling delays cannot swap the order.
+    fns = {"fast": make("fast", 0.003), "slow": make("slow", 0.040), "broken": broken}
     res = common.time_interleaved(fns, "cpu", warmup=1, reps=4)
     assert res["broken"]["error"].startswith("ValueError: boom")
     assert res["fast"]["samples"] == res["slow"]["samples"] == 4
-    assert res["slow"]["time_ms"] >= 9.0 > res["fast"]["time_ms"] >= 3.0
+    assert res["slow"]["time_ms"] >= 40.0 > res["fast"]["time_ms"] >= 3.0
     assert res["slow"]["time_p25_ms"] <= res["slow"]["time_ms"] <= res["slow"]["time_p75_ms"]
     # Warm-up + one sizing call each (kept as the first sample: both are > 2 ms, so not repeated), then the
     # remaining 3 rounds alternate which callable goes first.
