@@ -57,6 +57,20 @@ inline Vec<float>::type load_bf16x8(const c10::BFloat16* p) {
   std::memcpy(&out, &wide, sizeof(out));
   return out;
 }
+// Eight floats rounded to bf16 as c10::BFloat16 does (nearest even, NaN -> 0x7FC0), in vector registers.
+inline void store_bf16x8(c10::BFloat16* p, Vec<float>::type v) {
+  typedef uint16_t u16x8 __attribute__((vector_size(16)));
+  typedef uint32_t u32x8 __attribute__((vector_size(32)));
+  typedef int32_t i32x8 __attribute__((vector_size(32)));
+  u32x8 bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const u32x8 rounded = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) >> 16;
+  const i32x8 is_nan = v != v;
+  const u32x8 nan_bits = {0x7FC0u, 0x7FC0u, 0x7FC0u, 0x7FC0u, 0x7FC0u, 0x7FC0u, 0x7FC0u, 0x7FC0u};
+  const u32x8 out = is_nan ? nan_bits : rounded;
+  const u16x8 half = __builtin_convertvector(out, u16x8);
+  std::memcpy(p, &half, sizeof(half));
+}
 inline void lane_sums(const Vec<double>::type d[4], double out[4]) {
   using V = Vec<double>::type;
   const V h1 = __builtin_shufflevector(d[0], d[1], 0, 4, 2, 6) + __builtin_shufflevector(d[0], d[1], 1, 5, 3, 7);
@@ -186,8 +200,8 @@ struct VecChannels {
       const V sum = acc[0][j] + acc[1][j];
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
         store_vec(o + j * kLanes, sum);
-      } else {  // one rounding per output channel, as the scalar path
-        for (int lane = 0; lane < kLanes; ++lane) o[j * kLanes + lane] = static_cast<scalar_t>(sum[lane]);
+      } else {  // bf16: one rounding per output channel, as the scalar path
+        store_bf16x8(o + j * kLanes, sum);
       }
     }
   }
