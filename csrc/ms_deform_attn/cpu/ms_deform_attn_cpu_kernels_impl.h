@@ -46,6 +46,31 @@ inline void lane_sums(const Vec<float>::type d[4], float out[4]) {
                __builtin_shufflevector(h1, h2, 1, 3, 9, 11, 5, 7, 13, 15);
   for (int k = 0; k < 4; ++k) out[k] = h3[k] + h3[k + 4];
 }
+// Eight bf16 values widened to a float vector: bf16 is the high half of a float (zero-extend, shift by 16).
+inline Vec<float>::type load_bf16x8(const c10::BFloat16* p) {
+  typedef uint16_t u16x8 __attribute__((vector_size(16)));
+  typedef uint32_t u32x8 __attribute__((vector_size(32)));
+  u16x8 half;
+  std::memcpy(&half, p, sizeof(half));
+  const u32x8 wide = __builtin_convertvector(half, u32x8) << 16;
+  Vec<float>::type out;
+  std::memcpy(&out, &wide, sizeof(out));
+  return out;
+}
+// Eight floats rounded to bf16 as c10::BFloat16 does (nearest even, NaN -> 0x7FC0), in vector registers.
+inline void store_bf16x8(c10::BFloat16* p, Vec<float>::type v) {
+  typedef uint16_t u16x8 __attribute__((vector_size(16)));
+  typedef uint32_t u32x8 __attribute__((vector_size(32)));
+  typedef int32_t i32x8 __attribute__((vector_size(32)));
+  u32x8 bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const u32x8 rounded = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) >> 16;
+  const i32x8 is_nan = v != v;
+  const u32x8 nan_bits = {0x7FC0u, 0x7FC0u, 0x7FC0u, 0x7FC0u, 0x7FC0u, 0x7FC0u, 0x7FC0u, 0x7FC0u};
+  const u32x8 out = is_nan ? nan_bits : rounded;
+  const u16x8 half = __builtin_convertvector(out, u16x8);
+  std::memcpy(p, &half, sizeof(half));
+}
 inline void lane_sums(const Vec<double>::type d[4], double out[4]) {
   using V = Vec<double>::type;
   const V h1 = __builtin_shufflevector(d[0], d[1], 0, 4, 2, 6) + __builtin_shufflevector(d[0], d[1], 1, 5, 3, 7);
@@ -66,12 +91,39 @@ inline void store_vec(T* p, const V& v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
+// A vector of acc_t from memory holding scalar_t: a plain load, or bf16 widened to float.
+template <typename V, typename scalar_t>
+inline V load_acc(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    return load_bf16x8(p);
+  } else {
+    return load_vec<V>(p);
+  }
+}
+
 template <typename scalar_t, int DT>
 constexpr bool use_vec() {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int lanes = Vec<acc_t>::kLanes;
-  return std::is_same_v<scalar_t, acc_t> && DT > 0 && lanes > 0 && DT % (lanes > 0 ? lanes : 1) == 0;
+  constexpr bool loadable = std::is_same_v<scalar_t, acc_t> || (std::is_same_v<scalar_t, c10::BFloat16> && lanes == 8);
+  return loadable && DT > 0 && lanes > 0 && DT % (lanes > 0 ? lanes : 1) == 0;
 }
+
+// Channel buffer of ScalarChannels: a plain array of compile-time size for DT > 0, a vector for DT == 0.
+template <typename acc_t, int DT>
+struct ChannelBuffer {
+  explicit ChannelBuffer(int64_t /*D*/) {}
+  acc_t* get() { return data; }
+  static constexpr int64_t size(int64_t /*D*/) { return DT; }
+  acc_t data[DT];
+};
+template <typename acc_t>
+struct ChannelBuffer<acc_t, 0> {
+  explicit ChannelBuffer(int64_t D) : data(D) {}
+  acc_t* get() { return data.data(); }
+  static int64_t size(int64_t D) { return D; }
+  std::vector<acc_t> data;
+};
 
 // Channel arithmetic of one (n, q, m) row, for the kernels below. DT > 0 fixes the channel count at compile time
 // (common head dims): the per-row accumulator then lives in registers and the channel loops unroll; DT == 0 is
@@ -81,26 +133,27 @@ constexpr bool use_vec() {
 template <typename scalar_t, int DT>
 struct ScalarChannels {
   using acc_t = at::opmath_type<scalar_t>;
-  explicit ScalarChannels(int64_t D_) : D(DT > 0 ? DT : D_), dynamic(DT > 0 ? 0 : D_) {}
-  acc_t* buf() { return DT > 0 ? fixed : dynamic.data(); }
+  explicit ScalarChannels(int64_t D_) : D(D_), buffer(D_) {}
+  acc_t* buf() { return buffer.get(); }
+  int64_t size() const { return ChannelBuffer<acc_t, DT>::size(D); }
 
   void zero() {
     acc_t* acc = buf();
-    for (int64_t d = 0; d < D; ++d) acc[d] = 0;
+    for (int64_t d = 0; d < size(); ++d) acc[d] = 0;
   }
   void add(int /*corner*/, acc_t coeff, const scalar_t* v) {
     acc_t* acc = buf();
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) acc[d] += coeff * static_cast<acc_t>(v[d]);
+    for (int64_t d = 0; d < size(); ++d) acc[d] += coeff * static_cast<acc_t>(v[d]);
   }
   void store(scalar_t* o) {
     acc_t* acc = buf();
-    for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[d]);
+    for (int64_t d = 0; d < size(); ++d) o[d] = static_cast<scalar_t>(acc[d]);
   }
 
   void load(const scalar_t* go) {
     acc_t* g = buf();
-    for (int64_t d = 0; d < D; ++d) g[d] = static_cast<acc_t>(go[d]);
+    for (int64_t d = 0; d < size(); ++d) g[d] = static_cast<acc_t>(go[d]);
   }
   void begin_sample() {
     for (int k = 0; k < 4; ++k) dot[k] = 0;
@@ -109,7 +162,7 @@ struct ScalarChannels {
     const acc_t* g = buf();
     acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t d = 0; d < D; ++d) {
+    for (int64_t d = 0; d < size(); ++d) {
       sum += g[d] * static_cast<acc_t>(v[d]);
       dst[d] += coeff * g[d];
     }
@@ -120,12 +173,11 @@ struct ScalarChannels {
   }
 
   int64_t D;
-  acc_t fixed[DT > 0 ? DT : 1];
-  std::vector<acc_t> dynamic;
+  ChannelBuffer<acc_t, DT> buffer;
   acc_t dot[4];
 };
 
-// The same with 32-byte vectors (value already in acc_t, D a multiple of the lanes). Forward keeps two
+// The same with 32-byte vectors (value in acc_t or bf16, D a multiple of the lanes). Forward keeps two
 // accumulator banks (corners 0-1 and 2-3) to halve the FMA dependency chain; backward keeps the grad_out row in
 // registers and one partial-dot vector per corner, reduced together by lane_sums().
 template <typename scalar_t, int DT>
@@ -141,21 +193,28 @@ struct VecChannels {
   }
   void add(int k, acc_t coeff, const scalar_t* v) {
     V* bank = acc[k >> 1];
-    for (int j = 0; j < kVecs; ++j) bank[j] += coeff * load_vec<V>(v + j * kLanes);
+    for (int j = 0; j < kVecs; ++j) bank[j] += coeff * load_acc<V>(v + j * kLanes);
   }
   void store(scalar_t* o) {
-    for (int j = 0; j < kVecs; ++j) store_vec(o + j * kLanes, V(acc[0][j] + acc[1][j]));
+    for (int j = 0; j < kVecs; ++j) {
+      const V sum = acc[0][j] + acc[1][j];
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        store_vec(o + j * kLanes, sum);
+      } else {  // bf16: one rounding per output channel, as the scalar path
+        store_bf16x8(o + j * kLanes, sum);
+      }
+    }
   }
 
   void load(const scalar_t* go) {
-    for (int j = 0; j < kVecs; ++j) g[j] = load_vec<V>(go + j * kLanes);
+    for (int j = 0; j < kVecs; ++j) g[j] = load_acc<V>(go + j * kLanes);
   }
   void begin_sample() {
     for (int k = 0; k < 4; ++k) dot[k] = V{};
   }
   void corner(int k, const scalar_t* v, acc_t* dst, acc_t coeff) {
     for (int j = 0; j < kVecs; ++j) {
-      dot[k] += g[j] * load_vec<V>(v + j * kLanes);
+      dot[k] += g[j] * load_acc<V>(v + j * kLanes);
       store_vec(dst + j * kLanes, V(load_vec<V>(dst + j * kLanes) + coeff * g[j]));
     }
   }
