@@ -85,7 +85,10 @@ def test_every_flag_has_help_with_its_default(command):
 def test_preset_dependent_defaults_are_shown_per_preset():
     text = _subparsers()["train"].format_help()
     flat = " ".join(text.split())
-    assert re.search(r"number of epochs \(default: 4 \(synthetic, synthetic --model detr\); 50 \(COCO\); 300", flat)
+    assert re.search(
+        r"number of epochs \(default: 4 \(synthetic, synthetic --model detr\); 20 \(neon-trees\); 50 \(COCO\); 300",
+        flat,
+    )
     # --set keys are listed with their defaults.
     assert "with_box_refine=False" in text and "num_feature_levels=4" in text and "eos_coef=0.1" in text
 
