@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as _dt
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -336,10 +335,8 @@ def main(argv=None) -> None:
     )
     env["wall_s"] = round(time.perf_counter() - t0, 1)
     stem = f"model-hf-{common.device_slug('cpu')}-{_dt.date.today().isoformat()}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps({"environment": env, "results": rows}, indent=1, default=str))
     text = markdown(env, rows)
-    (args.out / f"{stem}.md").write_text(text + "\n")
+    common.write_json_and_markdown(env, rows, text, args.out, stem)
     print(text)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 from pathlib import Path
 
 import torch
@@ -124,10 +123,8 @@ def main(argv=None) -> None:
     env = common.environment(device)
     rows = run(device)
     stem = f"overhead-{common.device_slug(device)}-{_dt.date.today().isoformat()}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps({"environment": env, "results": rows}, indent=1, default=str))
     text = markdown(env, rows)
-    (args.out / f"{stem}.md").write_text(text + "\n")
+    common.write_json_and_markdown(env, rows, text, args.out, stem)
     print(text)
 
 

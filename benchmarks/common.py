@@ -426,14 +426,22 @@ def _jsonable(obj):
     return obj
 
 
-def write_results(env: dict, rows: list[dict], out_dir: Path, stem: str) -> dict[str, Path]:
-    """Write ``<stem>.json`` (environment + rows), ``<stem>.md`` and ``<stem>.png``; returns the paths written."""
+def write_json_and_markdown(env: dict, rows: list[dict], markdown: str, out_dir: Path, stem: str) -> dict[str, Path]:
+    """Write ``<stem>.json`` (environment + rows) and ``<stem>.md`` (``markdown``); returns the paths written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md", "png": out_dir / f"{stem}.png"}
+    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
     paths["json"].write_text(json.dumps(_jsonable({"environment": env, "results": rows}), indent=1) + "\n")
+    paths["md"].write_text(markdown + "\n")
+    return paths
+
+
+def write_results(env: dict, rows: list[dict], out_dir: Path, stem: str) -> dict[str, Path]:
+    """Write ``<stem>.json`` (environment + rows), ``<stem>.md`` and ``<stem>.png``; returns the paths written."""
     title = f"{env.get('device_name')} — {str(env.get('date'))[:10]}"
-    paths["md"].write_text(markdown_report(env, rows, title=f"deformable-detr benchmarks: {title}") + "\n")
+    report = markdown_report(env, rows, title=f"deformable-detr benchmarks: {title}")
+    paths = write_json_and_markdown(env, rows, report, out_dir, stem)
+    paths["png"] = Path(out_dir) / f"{stem}.png"
     if not plot_speedups(rows, paths["png"], f"deformable-detr speed-ups: {title}"):
         del paths["png"]
     return paths
