@@ -18,18 +18,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from simt_emulator import load  # noqa: E402
 from simt_lsap_check import check_against_scipy, make_costs  # noqa: E402
-from simt_msda_check import check_case, launch_shape_cases  # noqa: E402
+from simt_msda_check import check_case, launch_shape_cases, offset_view  # noqa: E402
 
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 PLACEMENTS = ("aligned", "flush_front", "flush_end")
-
-
-def offset_view(inputs):
-    value = inputs[0]
-    flat = torch.empty(value.numel() + 1, dtype=value.dtype)
-    shifted = flat[1:].view(value.shape)
-    shifted.copy_(value)
-    return [shifted, *inputs[1:]]
 
 
 def random_msda_case(rng: random.Random, i: int):

@@ -6,17 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment as scipy_lsa
 from simt_emulator import run
+from test_assignment import scipy_rows
 
 SCHEDULES = ((1, 0xA5), (2, 0x5A))
-
-
-def scipy_rows(cost: np.ndarray) -> np.ndarray:
-    out = np.full(cost.shape[0], -1, dtype=np.int64)
-    rows, cols = scipy_lsa(cost)
-    out[rows] = cols
-    return out
 
 
 def make_costs(rng, B, N, M, kind):

@@ -95,3 +95,12 @@ def launch_shape_cases(dtype):
 
 
 __all__ = ["SCHEDULES", "check_case", "emulate_all", "launch_shape_cases", "max_vec", "bitwise_equal"]
+
+
+def offset_view(inputs):
+    """``inputs`` with ``value`` moved one element into a larger buffer: misaligned storage, as a user's slice gives."""
+    value = inputs[0]
+    flat = torch.empty(value.numel() + 1, dtype=value.dtype)
+    shifted = flat[1:].view(value.shape)
+    shifted.copy_(value)
+    return [shifted, *inputs[1:]]

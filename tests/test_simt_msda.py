@@ -11,7 +11,7 @@ from collections import defaultdict
 import pytest
 import torch
 from simt_emulator import load, run
-from simt_msda_check import check_case, emulate_all, launch_shape_cases, max_vec
+from simt_msda_check import check_case, emulate_all, launch_shape_cases, max_vec, offset_view
 from test_msda_cuda import CASES, max_err, oracle, random_inputs
 
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -55,20 +55,13 @@ def test_wide_vectors_case():
 def test_views_offset_and_non_contiguous(dtype):
     """Offset (misaligned) storage narrows the vectors; non-contiguous views are densified by the host flow."""
 
-    def offset(inputs):
-        value = inputs[0]
-        flat = torch.empty(value.numel() + 1, dtype=value.dtype)
-        shifted = flat[1:].view(value.shape)
-        shifted.copy_(value)
-        return [shifted, *inputs[1:]]
-
     def transposed(inputs):
         value, shapes, starts, locations, weights = inputs
         value_nc = value.transpose(1, 2).contiguous().transpose(1, 2)
         weights_nc = weights.transpose(1, 2).contiguous().transpose(1, 2)
         return [value_nc, shapes, starts, locations, weights_nc]
 
-    for view in (offset, transposed):
+    for view in (offset_view, transposed):
         for placement in PLACEMENTS:
             check_case(2, 6, 2, 16, [(5, 4), (2, 3)], 3, dtype, view=view, placement=placement, min_threads=1)
 
