@@ -282,8 +282,8 @@ def markdown(env: dict, rows: list[dict]) -> str:
     lines = [
         f"# Deformable DETR R50: ours vs HF transformers — {env.get('device_name')}, {str(env.get('date'))[:10]}",
         "",
-        f"- device: **{env.get('device_name')}** ({env.get('device')}), threads {env.get('threads')}; "
-        f"torch {env.get('torch')}, transformers {env.get('transformers')}, commit {str(env.get('git_commit'))[:12]}",
+        *common.environment_lines(env),
+        f"- transformers {env.get('transformers')}",
         "- same weights in both (HF's, perturbed, loaded into ours strict); `max err` = largest |difference| of "
         "pred_logits / pred_boxes against HF in this run",
         "- wall = median of interleaved rounds; CPU = median process CPU time (all threads; less disturbed by "

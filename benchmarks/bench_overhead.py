@@ -92,9 +92,7 @@ def markdown(env: dict, rows: list[dict]) -> str:
     lines = [
         f"# Op call overhead: {env.get('device_name')} — {str(env.get('date'))[:10]}",
         "",
-        f"- device: **{env.get('device_name')}** ({env.get('device')}), threads {env.get('threads')}",
-        f"- torch {env.get('torch')}, commit {str(env.get('git_commit'))[:12]}"
-        + (" (dirty)" if env.get("git_dirty") else ""),
+        *common.environment_lines(env),
         "- medians of interleaved rounds; `over raw` = wrapper median − raw-op median of the same case (same run)",
         "",
     ]

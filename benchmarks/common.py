@@ -318,15 +318,18 @@ def _names_ambiguous(rows: list[dict]) -> bool:
     return any(len(v) > 1 for v in shapes.values())
 
 
-def markdown_report(env: dict, rows: list[dict], title: str = "deformable-detr benchmarks") -> str:
-    head = [
-        f"# {title}",
-        "",
+def environment_lines(env: dict) -> list[str]:
+    """The markdown bullet lines every result file starts with: device, date + commit, versions."""
+    return [
         f"- device: **{env.get('device_name')}** ({env.get('device')}), threads {env.get('threads')}",
         f"- date: {env.get('date')}, commit {str(env.get('git_commit'))[:12]}"
         + (" (dirty)" if env.get("git_dirty") else ""),
         f"- torch {env.get('torch')}, CUDA {env.get('cuda')}, triton {env.get('triton')}, python {env.get('python')}",
     ]
+
+
+def markdown_report(env: dict, rows: list[dict], title: str = "deformable-detr benchmarks") -> str:
+    head = [f"# {title}", "", *environment_lines(env)]
     if env.get("copy_gbps"):
         head.append(f"- measured copy bandwidth: {env['copy_gbps']:.0f} GB/s (the roof for the × floor column)")
     if env.get("mode"):
