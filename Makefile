@@ -57,13 +57,13 @@ bench-quick: setup
 	$(PY) -m benchmarks --quick $(BENCH_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff format --check deformable_detr tests benchmarks setup.py
-	$(VENV)/bin/ruff check deformable_detr tests benchmarks setup.py
+	$(VENV)/bin/ruff format --check deformable_detr tests benchmarks experiments setup.py
+	$(VENV)/bin/ruff check deformable_detr tests benchmarks experiments setup.py
 	$(VENV)/bin/clang-format --dry-run --Werror $$(find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format deformable_detr tests benchmarks setup.py
-	$(VENV)/bin/ruff check --fix deformable_detr tests benchmarks setup.py
+	$(VENV)/bin/ruff format deformable_detr tests benchmarks experiments setup.py
+	$(VENV)/bin/ruff check --fix deformable_detr tests benchmarks experiments setup.py
 	$(VENV)/bin/clang-format -i $$(find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
 clean:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import importlib
 import sys
 import time
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import bench_model, bench_msda, common
+from benchmarks import bench_matcher, bench_model, bench_msda, report, timing
 
 SUITES = ("msda", "matcher", "model")
 _SHORT_COLUMNS = [
@@ -33,26 +32,6 @@ _SHORT_COLUMNS = [
 ]
 
 
-def matcher_tasks(device: torch.device, quick: bool) -> list[tuple[str, Callable[[], list[dict]]]]:
-    """The matcher suite lives in benchmarks/bench_matcher.py (``run(device, quick) -> list[dict]``); when that
-    module is absent or broken, one row says so instead of failing the whole run."""
-    try:
-        module = importlib.import_module("benchmarks.bench_matcher")
-        run = module.run
-    except Exception as exc:
-        reason = f"not available: {type(exc).__name__}: {exc}".splitlines()[0][:300]
-        return [("matcher", lambda: [{"suite": "matcher", "name": "all", "status": reason}])]
-
-    def thunk():
-        rows = run(device if isinstance(device, str) else device.type, quick)
-        for row in rows:
-            row.setdefault("suite", "matcher")
-            row.setdefault("status", "ok")
-        return rows
-
-    return [("matcher", thunk)]
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description="deformable-detr benchmarks")
     parser.add_argument("--quick", action="store_true", help="a subset that finishes in under ~2 minutes")
@@ -61,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--threads", type=int, default=2, help="CPU threads for torch (default 2, the documented CPU setting)"
     )
     parser.add_argument("--suites", default=",".join(SUITES), help=f"comma-separated subset of {','.join(SUITES)}")
-    parser.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="directory for the result files")
+    parser.add_argument("--out", type=Path, default=report.RESULTS_DIR, help="directory for the result files")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs, CI)")
     args = parser.parse_args(argv)
     args.suites = [s.strip() for s in args.suites.split(",") if s.strip()]
@@ -82,20 +61,20 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    env = common.environment(device)
+    env = report.environment(device)
     env["mode"] = "quick" if args.quick else "full"
-    print(common.backend_line(device), file=sys.stderr, flush=True)
+    print(report.backend_line(device), file=sys.stderr, flush=True)
     env["suites"] = args.suites
     copy_gbps = None
     if device.type == "cuda":
-        copy_gbps = common.copy_bandwidth_gbps(device)
+        copy_gbps = timing.copy_bandwidth_gbps(device)
         env["copy_gbps"] = copy_gbps
 
     work: list[tuple[str, Callable[[], list[dict]]]] = []
     if "msda" in args.suites:
         work += bench_msda.tasks(device, args.quick, copy_gbps)
     if "matcher" in args.suites:
-        work += matcher_tasks(device, args.quick)
+        work.append(("matcher", lambda: bench_matcher.run(device, args.quick)))
     if "model" in args.suites:
         work += bench_model.tasks(device, args.quick)
 
@@ -114,13 +93,13 @@ def main(argv=None) -> int:
     env["wall_s"] = round(time.perf_counter() - t0, 1)
 
     date = _dt.date.today().isoformat()
-    stem = f"{common.device_slug(device)}-{date}" + ("-quick" if args.quick else "")
-    paths = common.write_results(env, rows, args.out, stem)
+    stem = f"{report.device_slug(device)}-{date}" + ("-quick" if args.quick else "")
+    paths = report.write_results(env, rows, args.out, stem)
     print(f"\n{env['device_name']} ({device.type}, {env['threads']} threads), {env['wall_s']} s")
     for kind, path in paths.items():
         print(f"  {kind}: {path}")
     print()
-    print(common.markdown_table(rows, _SHORT_COLUMNS))
+    print(report.markdown_table(rows, _SHORT_COLUMNS))
     print()
     print(bench_msda.summary(rows))
     return 0

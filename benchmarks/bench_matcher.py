@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment as scipy_lsa
 
-from benchmarks import common
+from benchmarks import timing
 from deformable_detr.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from deformable_detr.models.matcher import HungarianMatcher
 from deformable_detr.ops.assignment import batched_linear_sum_assignment
@@ -67,7 +67,7 @@ def solver_rows(device: torch.device, quick: bool) -> list[dict]:
             fns["torch_linear_assignment"] = lambda c=cost: peer(c)
         # The big CPU cases take seconds per call on 2 cores: fewer rounds, same interleaving.
         heavy = device.type == "cpu" and B * N * M > 5e6
-        times = common.time_interleaved(fns, device, warmup=1, reps=3 if heavy else 11, budget_s=10 if quick else 30)
+        times = timing.time_interleaved(fns, device, warmup=1, reps=3 if heavy else 11, budget_s=10 if quick else 30)
         base = times["scipy-loop"].get("time_ms")
         for backend, t in times.items():
             row = {
@@ -144,14 +144,14 @@ def matcher_rows(device: torch.device, quick: bool) -> list[dict]:
 
     def ours_fn():
         result = matcher.match_many(outputs_list, targets)
-        common.synchronize(device)  # the caller gets device tensors; count the work they stand for
+        timing.synchronize(device)  # the caller gets device tensors; count the work they stand for
         return result
 
     fns = {
         "scipy-per-layer": lambda: [reference_matcher(out, targets) for out in outputs_list],
         "batched-matcher": ours_fn,
     }
-    times = common.time_interleaved(fns, device, warmup=1, reps=7 if quick else 15, budget_s=10 if quick else 30)
+    times = timing.time_interleaved(fns, device, warmup=1, reps=7 if quick else 15, budget_s=10 if quick else 30)
     base = times["scipy-per-layer"].get("time_ms")
     rows = []
     for backend, t in times.items():

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks import bench_msda, common
+from benchmarks import bench_msda, report, timing
 
 SUITE = "model"
 BASELINE = "pytorch"
@@ -178,11 +178,11 @@ def run_model(
         fns = {b: factory(b) for b in backends}
         reps = rounds or (2 if quick else 7)
         min_reps = min(reps, 2 if quick else 3)
-        times = common.time_interleaved(
+        times = timing.time_interleaved(
             fns, device, warmup=1, reps=reps, min_reps=min_reps, budget_s=20 if quick else 60
         )
         for b in backends:
-            row, ok = common.result_row(base, b, pass_name, times[b])
+            row, ok = timing.result_row(base, b, pass_name, times[b])
             rows.append(row)
             if not ok:
                 continue
@@ -191,7 +191,7 @@ def run_model(
             if note:
                 row["note"] = note
             if device.type == "cuda":
-                row["peak_mem_mib"] = common.peak_memory_mib(fns[b], device)
+                row["peak_mem_mib"] = timing.peak_memory_mib(fns[b], device)
             if pass_name == "inference":
                 out = fns[b]()
                 if b == BASELINE:
@@ -201,7 +201,7 @@ def run_model(
         out = row.pop("_out", None)
         if out is not None and reference_out is not None:
             row["max_err"] = _output_diff(out, reference_out)
-    common.add_speedups(rows, BASELINE)
+    timing.add_speedups(rows, BASELINE)
     return rows
 
 
@@ -223,7 +223,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(common.markdown_table(run_model(args.device, args.quick)))
+    print(report.markdown_table(run_model(args.device, args.quick)))
 
 
 if __name__ == "__main__":

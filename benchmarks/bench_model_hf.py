@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import common
+from benchmarks import report
 
 SUITE = "model-hf"
 BASELINE = "hf"
@@ -282,7 +282,7 @@ def markdown(env: dict, rows: list[dict]) -> str:
     lines = [
         f"# Deformable DETR R50: ours vs HF transformers — {env.get('device_name')}, {str(env.get('date'))[:10]}",
         "",
-        *common.environment_lines(env),
+        *report.environment_lines(env),
         f"- transformers {env.get('transformers')}",
         "- same weights in both (HF's, perturbed, loaded into ours strict); `max err` = largest |difference| of "
         "pred_logits / pred_boxes against HF in this run",
@@ -316,11 +316,11 @@ def main(argv=None) -> None:
     parser.add_argument("--no-compile", action="store_true", help="no compiled rows")
     parser.add_argument("--no-train-compile", action="store_true", help="no compiled train-step row")
     parser.add_argument("--no-profile", action="store_true")
-    parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
+    parser.add_argument("--out", type=Path, default=report.RESULTS_DIR)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     train_size = None if args.train_size == "none" else tuple(int(v) for v in args.train_size.split("x"))
-    env = common.environment("cpu")
+    env = report.environment("cpu")
     try:
         env["transformers"] = _transformers().__version__
     except Exception:
@@ -334,9 +334,9 @@ def main(argv=None) -> None:
         profile=not args.no_profile,
     )
     env["wall_s"] = round(time.perf_counter() - t0, 1)
-    stem = f"model-hf-{common.device_slug('cpu')}-{_dt.date.today().isoformat()}"
+    stem = f"model-hf-{report.device_slug('cpu')}-{_dt.date.today().isoformat()}"
     text = markdown(env, rows)
-    common.write_json_and_markdown(env, rows, text, args.out, stem)
+    report.write_json_and_markdown(env, rows, text, args.out, stem)
     print(text)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 import deformable_detr as dd
-from benchmarks import common
+from benchmarks import report, timing
 from deformable_detr.ops.ms_deform_attn import position_dtype
 
 SUITE = "msda"
@@ -275,19 +275,19 @@ def run_case(
         timed, checks = {}, {}
         for b in names:
             timed[b], checks[b] = _callables(b, inputs, shape, pass_name, dcnv4_apply)
-        times = common.time_interleaved(
+        times = timing.time_interleaved(
             timed, device, warmup=1 if quick else 2, reps=5 if quick else 15, budget_s=8 if quick else 30
         )
         nbytes = traffic_bytes(shape, dtype, pass_name)
         for b in names:
-            row, ok = common.result_row(base, b, pass_name, times[b])
+            row, ok = timing.result_row(base, b, pass_name, times[b])
             rows.append(row)
             if not ok:
                 continue
             res = times[b]
             row["bytes"] = nbytes
             if device.type == "cuda":
-                row["peak_mem_mib"] = common.peak_memory_mib(timed[b], device)
+                row["peak_mem_mib"] = timing.peak_memory_mib(timed[b], device)
                 row["gbps"] = nbytes / (res["time_ms"] / 1e3) / 1e9
                 if copy_gbps:
                     row["x_floor"] = res["time_ms"] / 1e3 / (nbytes / (copy_gbps * 1e9))
@@ -297,7 +297,7 @@ def run_case(
                 row["grad_rel_err"] = _max_grad_error(checks[b], oracle_grads)
         if peers and device.type == "cuda" and dcnv4_apply is None:
             rows.append(dict(base, backend="dcnv4", status=dcnv4_state, **{"pass": pass_name}))
-    common.add_speedups(rows, BASELINE)
+    timing.add_speedups(rows, BASELINE)
     return rows
 
 
@@ -332,7 +332,7 @@ def tasks(device, quick: bool, copy_gbps: float | None = None) -> list[tuple[str
 
 def run(device, quick: bool) -> list[dict]:
     device = torch.device(device)
-    copy_gbps = common.copy_bandwidth_gbps(device) if device.type == "cuda" else None
+    copy_gbps = timing.copy_bandwidth_gbps(device) if device.type == "cuda" else None
     rows = []
     for _, thunk in tasks(device, quick, copy_gbps):
         rows += thunk()
@@ -368,7 +368,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = run(args.device, args.quick)
-    print(common.markdown_table(rows))
+    print(report.markdown_table(rows))
     print()
     print(summary(rows))
 

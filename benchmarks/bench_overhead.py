@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import common
+from benchmarks import report, timing
 
 # (name, N, level shapes, M, D, Q, P)
 CASES = (
@@ -72,7 +72,7 @@ def run(device, *, reps: int = 15, budget_s: float = 20.0) -> list[dict]:
         if roi is not None:
             fns["torchvision roi_align"] = roi
         with torch.no_grad():
-            times = common.time_interleaved(fns, device, warmup=3, reps=reps, min_reps=5, budget_s=budget_s)
+            times = timing.time_interleaved(fns, device, warmup=3, reps=reps, min_reps=5, budget_s=budget_s)
         raw_us = times["raw op"].get("time_ms", float("nan")) * 1e3
         shape = f"N={N} Q={Q} M={M} D={D} P={P} levels={'/'.join(f'{h}x{w}' for h, w in shapes)}"
         for label, res in times.items():
@@ -92,7 +92,7 @@ def markdown(env: dict, rows: list[dict]) -> str:
     lines = [
         f"# Op call overhead: {env.get('device_name')} — {str(env.get('date'))[:10]}",
         "",
-        *common.environment_lines(env),
+        *report.environment_lines(env),
         "- medians of interleaved rounds; `over raw` = wrapper median − raw-op median of the same case (same run)",
         "",
     ]
@@ -114,15 +114,15 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (1: the call cost, not the kernel)")
-    parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
+    parser.add_argument("--out", type=Path, default=report.RESULTS_DIR)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    env = common.environment(device)
+    env = report.environment(device)
     rows = run(device)
-    stem = f"overhead-{common.device_slug(device)}-{_dt.date.today().isoformat()}"
+    stem = f"overhead-{report.device_slug(device)}-{_dt.date.today().isoformat()}"
     text = markdown(env, rows)
-    common.write_json_and_markdown(env, rows, text, args.out, stem)
+    report.write_json_and_markdown(env, rows, text, args.out, stem)
     print(text)
 
 

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
-import types
 
 import pytest
 import torch
 
 import deformable_detr as dd
 from benchmarks import __main__ as entry
-from benchmarks import bench_model, bench_msda, common
+from benchmarks import bench_model, bench_msda, report, timing
 
 TINY = bench_msda.MsdaShape("tiny", 2, ((6, 5), (3, 3)), 7, num_heads=2, head_dim=4, num_points=2)
 
@@ -32,7 +30,7 @@ def test_time_interleaved_medians_order_and_errors():
 
     # Far apart (3 ms vs 40 ms) so that a loaded CI machine's scheduling delays cannot swap the order.
     fns = {"fast": make("fast", 0.003), "slow": make("slow", 0.040), "broken": broken}
-    res = common.time_interleaved(fns, "cpu", warmup=1, reps=4)
+    res = timing.time_interleaved(fns, "cpu", warmup=1, reps=4)
     assert res["broken"]["error"].startswith("ValueError: boom")
     assert res["fast"]["samples"] == res["slow"]["samples"] == 4
     assert res["slow"]["time_ms"] >= 40.0 > res["fast"]["time_ms"] >= 3.0
@@ -45,9 +43,9 @@ def test_time_interleaved_medians_order_and_errors():
 
 
 def test_time_interleaved_respects_budget():
-    res = common.time_interleaved({"s": lambda: time.sleep(0.02)}, "cpu", warmup=1, reps=1000, min_reps=3, budget_s=0.1)
+    res = timing.time_interleaved({"s": lambda: time.sleep(0.02)}, "cpu", warmup=1, reps=1000, min_reps=3, budget_s=0.1)
     assert 3 <= res["s"]["samples"] <= 5  # ~0.1 s / 0.02 s, not the 1000 asked for
-    res = common.time_interleaved({"s": lambda: time.sleep(0.02)}, "cpu", warmup=1, reps=1000, min_reps=3, budget_s=0)
+    res = timing.time_interleaved({"s": lambda: time.sleep(0.02)}, "cpu", warmup=1, reps=1000, min_reps=3, budget_s=0)
     assert res["s"]["samples"] == 3
 
 
@@ -96,13 +94,13 @@ def test_add_speedups_matches_on_case_keys():
         {"suite": "s", "name": "a", "dtype": "fp32", "pass": "fwd", "backend": "x", "time_ms": 2.0},
         {"suite": "s", "name": "a", "dtype": "bf16", "pass": "fwd", "backend": "x", "time_ms": 2.0},
     ]
-    common.add_speedups(rows, "pytorch")
+    timing.add_speedups(rows, "pytorch")
     assert rows[1]["speedup"] == pytest.approx(5.0)
     assert "speedup" not in rows[2]  # no baseline in that dtype: no made-up ratio
 
 
 def test_write_results_json_markdown_png(tmp_path):
-    env = common.environment("cpu")
+    env = report.environment("cpu")
     for key in ("device_name", "torch", "cuda", "triton", "threads", "git_commit", "date"):
         assert key in env
     rows = [
@@ -112,8 +110,8 @@ def test_write_results_json_markdown_png(tmp_path):
     ]
     rows[0].update(time_ms=8.0, status="ok")
     rows[1].update(time_ms=2.0, status="ok")
-    common.add_speedups(rows, "pytorch")
-    paths = common.write_results(env, rows, tmp_path, "dev-2000-01-01")
+    timing.add_speedups(rows, "pytorch")
+    paths = report.write_results(env, rows, tmp_path, "dev-2000-01-01")
     data = json.loads(paths["json"].read_text())
     assert data["environment"]["threads"] == torch.get_num_threads()
     assert data["results"][1]["speedup"] == pytest.approx(4.0)
@@ -124,8 +122,8 @@ def test_write_results_json_markdown_png(tmp_path):
 
 
 def test_slug_and_device_slug():
-    assert common.slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
-    assert common.device_slug("cpu").startswith("cpu-")
+    assert report.slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert report.device_slug("cpu").startswith("cpu-")
 
 
 def test_entry_point_arguments():
@@ -135,25 +133,6 @@ def test_entry_point_arguments():
         entry.parse_args(["--suites", "msda,nope"])
     with pytest.raises(SystemExit):
         entry.parse_args(["--threads", "0"])
-
-
-def test_matcher_suite_never_crashes_the_run(monkeypatch):
-    monkeypatch.setitem(sys.modules, "benchmarks.bench_matcher", None)  # import raises ImportError
-    [(label, thunk)] = entry.matcher_tasks(torch.device("cpu"), True)
-    [row] = thunk()
-    assert label == "matcher" and row["suite"] == "matcher" and row["status"].startswith("not available")
-
-    seen = {}
-
-    def run(device, quick):
-        seen.update(device=device, quick=quick)
-        return [{"name": "300x100", "backend": "ours", "time_ms": 1.0}]
-
-    monkeypatch.setitem(sys.modules, "benchmarks.bench_matcher", types.SimpleNamespace(run=run))
-    [(_, thunk)] = entry.matcher_tasks(torch.device("cpu"), False)
-    [row] = thunk()
-    assert seen == {"device": "cpu", "quick": False}
-    assert row["suite"] == "matcher" and row["status"] == "ok"
 
 
 def test_set_backend_switches_every_msdeformattn():
@@ -217,7 +196,7 @@ def test_report_keeps_shapes_apart_when_a_case_name_repeats():
         {"suite": "m", "name": "B=2", "shape": "300x20", "backend": "x", "time_ms": 1.0, "status": "ok"},
         {"suite": "m", "name": "B=2", "shape": "300x300", "backend": "x", "time_ms": 2.0, "status": "ok"},
     ]
-    md = common.markdown_report({}, rows)
+    md = report.markdown_report({}, rows)
     assert "| 300x20 |" in md and "| 300x300 |" in md
-    md = common.markdown_report({}, rows[:1])
+    md = report.markdown_report({}, rows[:1])
     assert "- `B=2`: 300x20" in md and "| 300x20 |" not in md

@@ -278,7 +278,7 @@ def test_real_files_and_default_plan():
 
 
 def test_trees_metrics_count_up_to_max_dets(tmp_path):
-    from benchmarks.trees_common import coco_metrics
+    from experiments.trees.common import coco_metrics
 
     boxes = [[0, 0, 10, 10], [20, 20, 10, 10], [40, 0, 10, 10]]
     coco = {
@@ -300,7 +300,7 @@ def test_trees_metrics_count_up_to_max_dets(tmp_path):
 
 
 def test_budgeted_training_stops_at_the_cpu_budget():
-    from benchmarks.trees_common import train_budgeted
+    from experiments.trees.common import train_budgeted
 
     def step(_):
         end = time.process_time() + 0.02

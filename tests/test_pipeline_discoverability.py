@@ -135,7 +135,7 @@ def test_one_epoch_loss_plot_has_points_and_a_sensible_axis():
 
 
 def test_benchmark_plot_keeps_labels_inside_and_labels_the_baseline():
-    from benchmarks.common import speedup_figure
+    from benchmarks.report import speedup_figure
 
     rows = [
         {"suite": "msda", "name": "encoder", "dtype": "fp32", "pass": "fwd", "backend": "pytorch", "speedup": 1.0},

@@ -1,5 +1,5 @@
-"""Shared pieces of the tree-crown experiments (``trees_dense``, ``trees_peer``, ``trees_convergence``):
-max-dets-aware COCO metrics, one prediction interface for DETR-family checkpoints and torchvision detectors, a
+"""Shared pieces of the tree-crown experiments (``dense``, ``peer``, ``convergence``): the DETR-family preset and
+training step every run starts from, max-dets-aware COCO metrics, one prediction interface for DETR-family checkpoints and torchvision detectors, a
 training loop with a CPU-time budget and per-epoch held-out evaluation, and the prediction drawing.
 
 Metrics are computed here with pycocotools directly (``params.maxDets = [1, 10, max_dets]``, AP read at the ``max_dets``
@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -21,31 +19,68 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torchvision import tv_tensors
 
+from benchmarks import report
 from deformable_detr.data import make_transforms
+from deformable_detr.engine.config import demo_preset, model_config, trees_preset
+from deformable_detr.engine.modeling import build_components
+from deformable_detr.engine.optim import build_optimizer
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+TILE_SIZE = 1000  # neon-trees tiles, in source pixels
 
 
 def environment() -> dict:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    cpu = platform.processor() or "cpu"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    """The header of an experiment's result file (a compact form of ``benchmarks.report.environment``)."""
     return {
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
-        "cpu": cpu,
+        "cpu": report.cpu_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "commit": commit,
+        "commit": report.git("rev-parse", "--short", "HEAD") or "unknown",
     }
+
+
+def preset_for(data: str, model: str):
+    base = "detr" if model == "detr" else "deformable_detr"
+    if data == "neon-trees":
+        cfg = trees_preset(base)
+        if model == "deformable_detr_100q":
+            cfg.model_overrides["num_queries"] = 100
+    else:
+        cfg = demo_preset(base)
+    if model == "deformable_detr_refine":
+        cfg.model_overrides["with_box_refine"] = True
+    return cfg
+
+
+def backbone_checksum(body: torch.nn.Module) -> float:
+    return round(float(sum(p.double().sum() for p in body.state_dict().values() if p.is_floating_point())), 6)
+
+
+def build_detr_family(data: str, model: str, num_classes: int, seed: int):
+    cfg = preset_for(data, model)
+    torch.manual_seed(seed)
+    mcfg = model_config(cfg, num_classes)
+    net, criterion, postprocess = build_components(mcfg, 100)
+    optimizer = build_optimizer(
+        net, cfg.lr, cfg.lr_backbone, cfg.weight_decay, lr_linear_proj_mult=cfg.lr_linear_proj_mult
+    )
+    weights = criterion.weight_dict
+
+    def step(batch):
+        images, targets = batch
+        net.train()
+        criterion.train()
+        losses = criterion(net(images), targets)
+        loss = sum(losses[k] * weights[k] for k in losses if k in weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_max_norm)
+        optimizer.step()
+
+    def predictor(scale, max_dets):
+        return DetrPredictor(net, postprocess, scale, max_dets)
+
+    return cfg, step, predictor, backbone_checksum(net.backbone[0].body)
 
 
 def coco_metrics(annotation_file, detections: list[dict], image_ids, max_dets: int) -> dict:

@@ -1,6 +1,6 @@
 """DETR vs Deformable DETR (with and without box refinement), and torchvision's Faster R-CNN, under one CPU budget.
 
-``python -m benchmarks.trees_convergence run --data neon-trees --model detr --budget 500 --out DIR`` trains one
+``python -m experiments.trees.convergence run --data neon-trees --model detr --budget 500 --out DIR`` trains one
 model from the CLI preset of that data (``synthetic``: the demo preset; ``neon-trees``: the trees preset, 450
 queries, 100 for ``deformable_detr_100q``) for ``--budget`` CPU seconds of training steps, evaluates held-out AP50
 after every epoch and writes ``DIR/<data>-<model>.json``; on ``neon-trees`` it also scores the final model on the dense split (450 and 100
@@ -23,11 +23,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from benchmarks import trees_common as tc
 from deformable_detr.data import build_dataset, collate, resolve_data_root, resolve_split
-from deformable_detr.engine.config import demo_preset, model_config, trees_preset
-from deformable_detr.engine.modeling import build_components
-from deformable_detr.engine.optim import build_optimizer
+from experiments.trees import common as tc
+from experiments.trees.peer import build_faster_rcnn
 
 MODELS = ("detr", "deformable_detr", "deformable_detr_refine", "faster_rcnn", "deformable_detr_100q")
 LABELS = {
@@ -37,62 +35,17 @@ LABELS = {
     "faster_rcnn": "Faster R-CNN (torchvision, NMS)",
     "deformable_detr_100q": "Deformable DETR, 100 queries",
 }
-TILE_SIZE = 1000  # neon-trees tiles, in source pixels
-
-
-def preset_for(data: str, model: str):
-    base = "detr" if model == "detr" else "deformable_detr"
-    if data == "neon-trees":
-        cfg = trees_preset(base)
-        if model == "deformable_detr_100q":
-            cfg.model_overrides["num_queries"] = 100
-    else:
-        cfg = demo_preset(base)
-    if model == "deformable_detr_refine":
-        cfg.model_overrides["with_box_refine"] = True
-    return cfg
 
 
 def pixel_scale(data: str, cfg) -> float:
-    return cfg.image_size / TILE_SIZE if data == "neon-trees" else 1.0
-
-
-def backbone_checksum(body: torch.nn.Module) -> float:
-    return round(float(sum(p.double().sum() for p in body.state_dict().values() if p.is_floating_point())), 6)
-
-
-def build_detr_family(data: str, model: str, num_classes: int, seed: int):
-    cfg = preset_for(data, model)
-    torch.manual_seed(seed)
-    mcfg = model_config(cfg, num_classes)
-    net, criterion, postprocess = build_components(mcfg, 100)
-    optimizer = build_optimizer(
-        net, cfg.lr, cfg.lr_backbone, cfg.weight_decay, lr_linear_proj_mult=cfg.lr_linear_proj_mult
-    )
-    weights = criterion.weight_dict
-
-    def step(batch):
-        images, targets = batch
-        net.train()
-        criterion.train()
-        losses = criterion(net(images), targets)
-        loss = sum(losses[k] * weights[k] for k in losses if k in weights)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_max_norm)
-        optimizer.step()
-
-    def predictor(scale, max_dets):
-        return tc.DetrPredictor(net, postprocess, scale, max_dets)
-
-    return cfg, step, predictor, backbone_checksum(net.backbone[0].body)
+    return cfg.image_size / tc.TILE_SIZE if data == "neon-trees" else 1.0
 
 
 def run(data: str, model: str, budget: float, out_dir: Path, seed: int = 42, threads: int = 2) -> dict:
     # On a loaded machine, threads waiting for a descheduled sibling spin and bill CPU time: one thread per run
     # keeps CPU seconds a measure of work (a 2-thread synthetic run billed ~7x the CPU per step of the quiet demo).
     torch.set_num_threads(threads)
-    cfg = preset_for(data, model)
+    cfg = tc.preset_for(data, model)
     kwargs = dict(image_size=cfg.image_size, max_size=cfg.max_size, synthetic_spec=None)
     if data == "synthetic":
         from deformable_detr.engine.trainer import synthetic_spec
@@ -101,11 +54,9 @@ def run(data: str, model: str, budget: float, out_dir: Path, seed: int = 42, thr
     train_set = build_dataset(data, cfg.train_split, True, augmentation=cfg.augmentation, **kwargs)
     val_dir, val_ann = resolve_split(resolve_data_root(data, kwargs["synthetic_spec"]), cfg.val_split)
     if model == "faster_rcnn":
-        from benchmarks.trees_peer import build_faster_rcnn
-
         cfg, step, predictor, checksum = build_faster_rcnn(data, train_set.num_classes, seed)
     else:
-        cfg, step, predictor, checksum = build_detr_family(data, model, train_set.num_classes, seed)
+        cfg, step, predictor, checksum = tc.build_detr_family(data, model, train_set.num_classes, seed)
     scale = pixel_scale(data, cfg)
 
     def batches(epoch):
@@ -199,11 +150,19 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=2, help="torch threads (1 on a shared machine, see run())")
     p.add_argument("--out", type=Path, required=True)
+    peer = sub.add_parser("peer", help="neon-trees: Faster R-CNN and Deformable DETR under one budget (peer.py)")
+    peer.add_argument("--budget", type=float, required=True, help="CPU seconds of training steps per model")
+    peer.add_argument("--seed", type=int, default=42)
+    peer.add_argument("--out", type=Path, required=True)
+    peer.add_argument("--models", default="faster_rcnn,deformable_detr")
     r = sub.add_parser("report")
     r.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.command == "run":
         run(args.data, args.model, args.budget, args.out, args.seed, args.threads)
+    elif args.command == "peer":
+        for model in args.models.split(","):
+            run("neon-trees", model, args.budget, args.out, args.seed)
     else:
         report(args.out)
 

@@ -1,6 +1,6 @@
 """Score a ``neon-trees`` checkpoint on the held-out tiles and the dense split, and draw its dense predictions.
 
-``python -m benchmarks.trees_dense --checkpoint runs/trees/checkpoint.pth --out DIR`` writes ``DIR/dense.json``
+``python -m experiments.trees.dense --checkpoint runs/trees/checkpoint.pth --out DIR`` writes ``DIR/dense.json``
 (val and dense AP, AP50, AR and recall at IoU 0.5 with 450 and with 100 detections per
 image) and ``DIR/dense_predictions.png`` (the whole held-out image with every detection scoring at least
 ``--threshold``, ground truth in thin cyan). The image is run whole at the training pixel scale (its shorter side
@@ -15,13 +15,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from benchmarks import trees_common as tc
 from deformable_detr.data import resolve_data_root, resolve_split
 from deformable_detr.engine.checkpoint import load_checkpoint_file
 from deformable_detr.engine.config import TrainConfig
 from deformable_detr.engine.modeling import build_components, model_config_from_dict
+from experiments.trees import common as tc
 
-TILE_SIZE = 1000
 DENSE_MAX_DETS = 450
 
 
@@ -38,7 +37,7 @@ def main(argv=None) -> None:
     mcfg = model_config_from_dict(ckpt.get("model_name", cfg.model), ckpt["model_config"])
     model, _, postprocess = build_components(mcfg, DENSE_MAX_DETS)
     model.load_state_dict(ckpt["model"])
-    scale = cfg.image_size / TILE_SIZE
+    scale = cfg.image_size / tc.TILE_SIZE
     root = resolve_data_root(cfg.data)
 
     val_dir, val_ann = resolve_split(root, cfg.val_split)

@@ -1,9 +1,9 @@
 """The peer on the tree crowns: torchvision's Faster R-CNN (RPN + RoI head, NMS) from the same backbone init.
 
-``python -m benchmarks.trees_peer --budget 500 --out DIR`` trains Faster R-CNN and Deformable DETR (the preset's
-450 queries) on ``neon-trees`` under the same CPU budget and scores both the same way (held-out AP50 per epoch, then the dense
-split at 450 and 100 detections); it is ``trees_convergence run`` for those two models. Only torchvision is
-needed.
+``python -m experiments.trees.convergence peer --budget 500 --out DIR`` trains Faster R-CNN and Deformable DETR
+(the preset's 450 queries) on ``neon-trees`` under the same CPU budget and scores both the same way (held-out AP50
+per epoch, then the dense split at 450 and 100 detections); it is ``convergence run`` for those two models. Only
+torchvision is needed.
 
 Like for like: the ResNet-18 weights are copied from a Deformable DETR built with the same seed (random init:
 no pretrained weights are available offline), with the same layers trainable (layer2-4; stem, layer1 and every
@@ -15,9 +15,6 @@ momentum and a short warm-up rather than AdamW.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -25,19 +22,17 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from benchmarks import trees_common as tc
+from experiments.trees import common as tc
 
 SGD_LR = 0.01
 WARMUP_STEPS = 50
 
 
 def build_faster_rcnn(data: str, num_classes: int, seed: int):
-    """``(train config, step, predictor factory, backbone checksum)`` as ``trees_convergence`` expects."""
-    from benchmarks.trees_convergence import backbone_checksum, build_detr_family, preset_for
-
-    cfg = preset_for(data, "deformable_detr")
+    """``(train config, step, predictor factory, backbone checksum)`` as ``convergence.run`` expects."""
+    cfg = tc.preset_for(data, "deformable_detr")
     # The backbone of the Deformable DETR that the same seed builds, so both start from identical weights.
-    _, _, ddetr_predictor, checksum = build_detr_family(data, "deformable_detr", num_classes, seed)
+    _, _, ddetr_predictor, checksum = tc.build_detr_family(data, "deformable_detr", num_classes, seed)
     source_body = ddetr_predictor(1.0, 1).model.backbone[0].body
     backbone = resnet_fpn_backbone(
         backbone_name=cfg.model_overrides["backbone"],
@@ -56,7 +51,7 @@ def build_faster_rcnn(data: str, num_classes: int, seed: int):
         box_score_thresh=0.001,
         box_detections_per_img=100,
     )
-    assert backbone_checksum(model.backbone.body) == checksum
+    assert tc.backbone_checksum(model.backbone.body) == checksum
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=SGD_LR, momentum=0.9, weight_decay=1e-4)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / WARMUP_STEPS))
@@ -84,20 +79,3 @@ def build_faster_rcnn(data: str, num_classes: int, seed: int):
         return tc.TorchvisionPredictor(model, scale, max_dets)
 
     return cfg, step, predictor, checksum
-
-
-def main(argv=None) -> None:
-    from benchmarks.trees_convergence import run
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", type=float, required=True, help="CPU seconds of training steps per model")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--models", default="faster_rcnn,deformable_detr")
-    args = parser.parse_args(argv)
-    for model in args.models.split(","):
-        run("neon-trees", model, args.budget, args.out, args.seed)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,1 @@
+"""Experiments on the tree-crown data (neon-trees): training runs under a CPU budget, not benchmarks."""
