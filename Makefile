@@ -48,7 +48,7 @@ test-cmake: $(STAMP)
 # campaign (tests/test_simt_*.py) is part of test-py. The emulator is built once into build/simt.
 test-emulated: $(STAMP)
 	$(PY) -m pytest -q tests/test_simt_selftest.py tests/test_simt_msda.py tests/test_simt_lsap.py
-	$(PY) tests/simt_campaign.py --msda $(or $(SIMT_MSDA),2000) --lsap $(or $(SIMT_LSAP),1000)
+	$(PY) tests/support/simt_campaign.py --msda $(or $(SIMT_MSDA),2000) --lsap $(or $(SIMT_LSAP),1000)
 
 bench: setup
 	$(PY) -m benchmarks $(BENCH_ARGS)

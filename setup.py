@@ -137,7 +137,7 @@ def _extensions():
         cpp_extension.CUDA_HOME = cuda_home
 
     csrc = os.path.join("csrc")
-    sources = sorted(p for p in glob.glob(os.path.join(csrc, "**", "*.cpp"), recursive=True) if "cmake_test" not in p)
+    sources = sorted(glob.glob(os.path.join(csrc, "**", "*.cpp"), recursive=True))
     cuda_sources = sorted(glob.glob(os.path.join(csrc, "**", "cuda", "*.cu"), recursive=True))
     cxx = ["-O3", "-std=c++20", "-fopenmp"] if os.name != "nt" else ["/O2", "/std:c++20", "/openmp"]
     define_macros = []

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from oracle import make_level_tensors, ms_deform_attn_oracle
+from support.oracle import make_level_tensors, ms_deform_attn_oracle
 
 import deformable_detr as dd
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from oracle import make_inputs, make_level_tensors, oracle_output_and_grads, output_and_grads, rel_err
+from support.oracle import make_inputs, make_level_tensors, oracle_output_and_grads, output_and_grads, rel_err
 
 import deformable_detr as dd
 from deformable_detr._extension import extension_loaded, has_kernel
@@ -294,7 +294,7 @@ def test_baseline_cpu_kernel_copy_matches_oracle():
 
     script = """
 import torch, deformable_detr as dd
-from oracle import make_inputs, ms_deform_attn_oracle
+from support.oracle import make_inputs, ms_deform_attn_oracle
 for D, dtype in ((32, torch.float32), (7, torch.float64), (16, torch.bfloat16)):
     value, ss, lsi, loc, attn = make_inputs(2, [(5, 4), (2, 3), (1, 1)], 2, D, 6, 3, dtype=dtype, seed=D)
     value.requires_grad_(True); loc.requires_grad_(True)

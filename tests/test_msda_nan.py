@@ -20,8 +20,8 @@ import sys
 
 import pytest
 import torch
-from oracle import make_inputs, oracle_output_and_grads, output_and_grads
-from simt_emulator import run as run_emulated
+from support.oracle import make_inputs, oracle_output_and_grads, output_and_grads
+from support.simt_emulator import run as run_emulated
 
 import deformable_detr as dd
 from deformable_detr._extension import extension_loaded

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from oracle import make_inputs, oracle_output_and_grads, output_and_grads, rel_err
+from support.oracle import make_inputs, oracle_output_and_grads, output_and_grads, rel_err
 from test_msda import CASES as CPU_CASES
 from test_msda_nan import assert_follows_rule
 

@@ -7,7 +7,7 @@ import gc
 
 import pytest
 import torch
-from oracle import make_inputs, ms_deform_attn_oracle
+from support.oracle import make_inputs, ms_deform_attn_oracle
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import deformable_detr as dd

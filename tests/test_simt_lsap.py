@@ -1,5 +1,5 @@
 """The batched LSAP CUDA kernel (csrc/assignment/cuda/) executed on the CPU by the SIMT emulator (tests/simt/)
-against scipy: the quick campaign of `make test` (the long one: tests/simt_campaign.py). Covers the three state
+against scipy: the quick campaign of `make test` (the long one: tests/support/simt_campaign.py). Covers the three state
 layouts the launcher picks (costs cached in shared memory, state in shared memory, state in global memory), 32 to
 256 threads, both orientations, padded num_cols and the status codes."""
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from simt_emulator import load, run
-from simt_lsap_check import check_against_scipy, emulate, lsap_batches, scipy_rows
+from support.simt_emulator import load, run
+from support.simt_lsap_check import check_against_scipy, emulate, lsap_batches, scipy_rows
 
 import deformable_detr as dd
 from deformable_detr._extension import has_kernel

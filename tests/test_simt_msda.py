@@ -1,7 +1,7 @@
 """The MSDA CUDA kernels (csrc/ms_deform_attn/cuda/) executed on the CPU by the SIMT emulator (tests/simt/): the
 quick campaign of `make test`. Every (VEC, group size, tiles) that launch_shape can pick, per dtype, for the
 forward, both backward paths and the deterministic path's key / run-flag / gather kernels, against the float64
-oracle, under two schedules x two poison bytes (simt_msda_check.py). The long campaign: tests/simt_campaign.py
+oracle, under two schedules x two poison bytes (simt_msda_check.py). The long campaign: tests/support/simt_campaign.py
 (`make test-emulated`)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from collections import defaultdict
 
 import pytest
 import torch
-from simt_emulator import load, run
-from simt_msda_check import check_case, emulate_all, launch_shape_cases, max_vec, offset_view
+from support.simt_emulator import load, run
+from support.simt_msda_check import check_case, emulate_all, launch_shape_cases, max_vec, offset_view
 from test_msda_cuda import CASES, max_err, oracle, random_inputs
 
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)

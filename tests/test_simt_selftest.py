@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from simt_emulator import load
+from support.simt_emulator import load
 
 
 def planted(name, seed=1, poison=0xA5):
@@ -45,8 +45,8 @@ def test_race_changes_with_schedule_or_poison(name):
 
 
 def test_clean_kernel_is_schedule_independent():
-    """Control: the real kernels give identical results under different schedules (tests/simt_msda_check.py)."""
-    from simt_msda_check import emulate_all
+    """Control: the real kernels give identical results under different schedules (tests/support/simt_msda_check.py)."""
+    from support.simt_msda_check import emulate_all
     from test_msda_cuda import random_inputs
 
     inputs = random_inputs(1, 9, 2, 8, [(3, 3)], 2, torch.float32, device="cpu")
@@ -58,7 +58,7 @@ def test_scalar_read_past_the_end_hits_the_guard_page():
     and the nearest allocation and exits with status 86 (run in a subprocess, since the process ends)."""
     load()  # build in this process first: the subprocess then only loads the cached extension
     code = (
-        "import sys; sys.path.insert(0, 'tests'); from simt_emulator import run; "
+        "import sys; sys.path.insert(0, 'tests'); from support.simt_emulator import run; "
         "run('planted', 'guard_page_read', 1, 0xA5, placement='flush_end')"
     )
     root = Path(__file__).resolve().parents[1]

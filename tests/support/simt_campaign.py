@@ -1,7 +1,7 @@
 """Long SIMT-emulator campaign (`make test-emulated`): random MSDA cases and LSAP problems through the real CUDA
 device code on the CPU (tests/simt/), each judged as in the quick campaign (simt_msda_check.py,
 simt_lsap_check.py), then the coverage table (kernel x dtype x VEC x group x tiles x arch -> launches) and the
-max errors per dtype. Usage: python tests/simt_campaign.py [--msda 2000] [--lsap 1000] [--seed 0]"""
+max errors per dtype. Usage: python tests/support/simt_campaign.py [--msda 2000] [--lsap 1000] [--seed 0]"""
 
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: support.* and the test modules it reuses
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from simt_emulator import load  # noqa: E402
-from simt_lsap_check import check_against_scipy, make_costs  # noqa: E402
-from simt_msda_check import check_case, launch_shape_cases, offset_view  # noqa: E402
+
+from support.simt_emulator import load  # noqa: E402
+from support.simt_lsap_check import check_against_scipy, make_costs  # noqa: E402
+from support.simt_msda_check import check_case, launch_shape_cases, offset_view  # noqa: E402
 
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 PLACEMENTS = ("aligned", "flush_front", "flush_end")

@@ -10,7 +10,7 @@ import functools
 import os
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ["simt.cpp", "device.cpp", "msda.cpp", "lsap.cpp", "selftest.cpp", "module.cpp"]
 PLACEMENTS = {"aligned": 0, "flush_front": 1, "flush_end": 2}
 

@@ -1,13 +1,14 @@
 """LSAP problems for the SIMT emulator (tests/simt/) judged against scipy: shared by tests/test_simt_lsap.py (quick
-campaign) and tests/simt_campaign.py (long campaign). Each batch runs under two schedules x two poison bytes, which
+campaign) and tests/support/simt_campaign.py (long campaign). Each batch runs under two schedules x two poison bytes, which
 must give identical assignments and status codes."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from simt_emulator import run
 from test_assignment import scipy_rows
+
+from support.simt_emulator import run
 
 SCHEDULES = ((1, 0xA5), (2, 0x5A))
 

@@ -2,15 +2,15 @@
 float64 oracle, half types within 2 x the same-dtype reference error + REL_TOL. Every case runs under two schedule
 seeds x two poison bytes, which must agree bitwise (forward, the atomic-free gradients, the deterministic
 grad_value); the atomic grad_value may differ only in summation order. Shared by tests/test_simt_msda.py (quick
-campaign) and tests/simt_campaign.py (long campaign)."""
+campaign) and tests/support/simt_campaign.py (long campaign)."""
 
 from __future__ import annotations
 
 import torch
-from simt_emulator import run
 from test_msda_cuda import REL_TOL, assert_close_to_oracle, forward_backward, max_err, oracle, random_inputs
 
 from deformable_detr.ops.reference import ms_deform_attn_reference
+from support.simt_emulator import run
 
 # (seed, poison): two schedules, two poison bytes.
 SCHEDULES = ((1, 0xA5), (2, 0x5A))
