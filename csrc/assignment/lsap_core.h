@@ -17,13 +17,7 @@
 #include <cstring>
 #include <limits>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define LSAP_HOST_DEVICE_INLINE __host__ __device__ __forceinline__
-#define LSAP_UNROLL _Pragma("unroll")
-#else
-#define LSAP_HOST_DEVICE_INLINE inline
-#define LSAP_UNROLL
-#endif
+#include "common/portability.h"
 
 namespace deformable_detr {
 namespace lsap {
@@ -41,11 +35,11 @@ enum Status : int32_t {
 constexpr int32_t kFreeBase = int32_t(1) << 30;
 constexpr int64_t kMaxDim = int64_t(kFreeBase) - 1;
 
-LSAP_HOST_DEVICE_INLINE int32_t column_key(int32_t position, bool unassigned) {
+DDETR_HOST_DEVICE_INLINE int32_t column_key(int32_t position, bool unassigned) {
   return unassigned ? kFreeBase + position : kFreeBase - 1 - position;
 }
 
-LSAP_HOST_DEVICE_INLINE int32_t key_position(int32_t key) {
+DDETR_HOST_DEVICE_INLINE int32_t key_position(int32_t key) {
   return key >= kFreeBase ? key - kFreeBase : kFreeBase - 1 - key;
 }
 
@@ -54,18 +48,18 @@ struct Candidate {
   int32_t key;
 };
 
-LSAP_HOST_DEVICE_INLINE double infinity() { return std::numeric_limits<double>::infinity(); }
+DDETR_HOST_DEVICE_INLINE double infinity() { return std::numeric_limits<double>::infinity(); }
 
-LSAP_HOST_DEVICE_INLINE Candidate no_candidate() { return Candidate{infinity(), -1}; }
+DDETR_HOST_DEVICE_INLINE Candidate no_candidate() { return Candidate{infinity(), -1}; }
 
 // True when a should be picked over b. Distances are never NaN (NaN costs are rejected before solving).
-LSAP_HOST_DEVICE_INLINE bool better(const Candidate& a, const Candidate& b) {
+DDETR_HOST_DEVICE_INLINE bool better(const Candidate& a, const Candidate& b) {
   return a.dist < b.dist || (a.dist == b.dist && a.key > b.key);
 }
 
-LSAP_HOST_DEVICE_INLINE Candidate pick(const Candidate& a, const Candidate& b) { return better(a, b) ? a : b; }
+DDETR_HOST_DEVICE_INLINE Candidate pick(const Candidate& a, const Candidate& b) { return better(a, b) ? a : b; }
 
-LSAP_HOST_DEVICE_INLINE bool invalid_cost(double x) { return x != x || x == -infinity(); }
+DDETR_HOST_DEVICE_INLINE bool invalid_cost(double x) { return x != x || x == -infinity(); }
 
 // Working orientation of problem with `rows` x `cols` costs (row stride `ld` in the input).
 struct Orientation {
@@ -73,7 +67,7 @@ struct Orientation {
   bool transpose;
 };
 
-LSAP_HOST_DEVICE_INLINE Orientation orient(int64_t rows, int64_t cols) {
+DDETR_HOST_DEVICE_INLINE Orientation orient(int64_t rows, int64_t cols) {
   const bool transpose = cols < rows;
   return Orientation{static_cast<int32_t>(transpose ? cols : rows), static_cast<int32_t>(transpose ? rows : cols),
                      transpose};
@@ -81,14 +75,14 @@ LSAP_HOST_DEVICE_INLINE Orientation orient(int64_t rows, int64_t cols) {
 
 // A cost read as float64.
 template <typename T>
-LSAP_HOST_DEVICE_INLINE double widen(T x) {
+DDETR_HOST_DEVICE_INLINE double widen(T x) {
   return static_cast<double>(x);
 }
 
 // float -> float64 that keeps subnormals under --use_fast_math, where nvcc emits the plain widening as
 // cvt.ftz.f64.f32 (subnormal costs became 0 and ties broke unlike scipy). A subnormal is mantissa x 2^-149, formed
 // from its bits with integer and float64 arithmetic, which FTZ does not touch; every other float widens exactly.
-LSAP_HOST_DEVICE_INLINE double widen(float x) {
+DDETR_HOST_DEVICE_INLINE double widen(float x) {
   uint32_t bits;
   memcpy(&bits, &x, sizeof bits);
   if ((bits & 0x7f800000u) != 0) return static_cast<double>(x);
@@ -101,23 +95,23 @@ template <typename T>
 struct StridedRow {
   const T* data;
   int64_t stride;
-  LSAP_HOST_DEVICE_INLINE double operator()(int32_t j) const { return widen(data[j * stride]); }
+  DDETR_HOST_DEVICE_INLINE double operator()(int32_t j) const { return widen(data[j * stride]); }
 };
 
 template <typename T>
-LSAP_HOST_DEVICE_INLINE StridedRow<T> working_row(const T* cost, int64_t ld, bool transpose, int32_t i) {
+DDETR_HOST_DEVICE_INLINE StridedRow<T> working_row(const T* cost, int64_t ld, bool transpose, int32_t i) {
   return transpose ? StridedRow<T>{cost + i, ld} : StridedRow<T>{cost + int64_t(i) * ld, 1};
 }
 
 // scipy's reduced cost, evaluated in the same order so rounding is identical.
-LSAP_HOST_DEVICE_INLINE double reduced_cost(double min_val, double c, double u_i, double v_j) {
+DDETR_HOST_DEVICE_INLINE double reduced_cost(double min_val, double c, double u_i, double v_j) {
   return min_val + c - u_i - v_j;
 }
 
 // Columns are visited in index order (contiguous loads, strided across CUDA threads) rather than in scipy's
 // remaining-list order; pos[j] is column j's position in that list, so the key still follows scipy. The key costs
 // two loads, so it is only built when the column can win.
-LSAP_HOST_DEVICE_INLINE void offer(Candidate& best, double d, int32_t j, const int32_t* pos, const int32_t* row4col) {
+DDETR_HOST_DEVICE_INLINE void offer(Candidate& best, double d, int32_t j, const int32_t* pos, const int32_t* row4col) {
   if (d <= best.dist) best = pick(Candidate{d, column_key(pos[j], row4col[j] == -1)}, best);
 }
 
@@ -126,8 +120,8 @@ LSAP_HOST_DEVICE_INLINE void offer(Candidate& best, double d, int32_t j, const i
 // reduced cost. Most searches end right here at an unassigned column, so the step only reads: the distances are
 // written by first_step_fill when the search goes on, and for the sink alone otherwise.
 template <class Row>
-LSAP_HOST_DEVICE_INLINE Candidate first_step(const Row& row, double u_i, int32_t begin, int32_t end, int32_t stride,
-                                             const double* v, const int32_t* pos, const int32_t* row4col) {
+DDETR_HOST_DEVICE_INLINE Candidate first_step(const Row& row, double u_i, int32_t begin, int32_t end, int32_t stride,
+                                              const double* v, const int32_t* pos, const int32_t* row4col) {
   // Chunks of kChunk columns: their reduced costs are computed together (SIMD on the CPU, independent loads on the
   // GPU) and only a chunk holding a column that can win is offered column by column, in order. best only
   // decreases, so skipping a chunk with no d <= best (at chunk start) changes nothing.
@@ -136,10 +130,10 @@ LSAP_HOST_DEVICE_INLINE Candidate first_step(const Row& row, double u_i, int32_t
   int32_t j = begin;
   for (; j + (kChunk - 1) * stride < end; j += kChunk * stride) {
     double r[kChunk];
-    LSAP_UNROLL
+    DDETR_UNROLL
     for (int k = 0; k < kChunk; ++k) r[k] = reduced_cost(0.0, row(j + k * stride), u_i, v[j + k * stride]);
     bool can_win = false;
-    LSAP_UNROLL
+    DDETR_UNROLL
     for (int k = 0; k < kChunk; ++k) can_win |= r[k] <= best.dist;
     if (can_win) {
       for (int k = 0; k < kChunk; ++k) offer(best, r[k], j + k * stride, pos, row4col);
@@ -152,8 +146,8 @@ LSAP_HOST_DEVICE_INLINE Candidate first_step(const Row& row, double u_i, int32_t
 // The first step's distances and predecessors, recomputed bit for bit. (scipy leaves path[j] unset when the cost
 // is +inf; such a column keeps an infinite distance until a later step sets both, so that value is never read.)
 template <class Row>
-LSAP_HOST_DEVICE_INLINE void first_step_fill(const Row& row, double u_i, int32_t i, int32_t begin, int32_t end,
-                                             int32_t stride, const double* v, double* shortest, int32_t* path) {
+DDETR_HOST_DEVICE_INLINE void first_step_fill(const Row& row, double u_i, int32_t i, int32_t begin, int32_t end,
+                                              int32_t stride, const double* v, double* shortest, int32_t* path) {
   for (int32_t j = begin; j < end; j += stride) {
     shortest[j] = reduced_cost(0.0, row(j), u_i, v[j]);
     path[j] = i;
@@ -164,9 +158,9 @@ LSAP_HOST_DEVICE_INLINE void first_step_fill(const Row& row, double u_i, int32_t
 // begin + stride, ... < num_remaining, as scipy scans them) and return the best. The list shrinks as the search
 // grows, which matters for square problems, where searches run long.
 template <class Row>
-LSAP_HOST_DEVICE_INLINE Candidate next_step(const Row& row, double min_val, double u_i, int32_t i, int32_t begin,
-                                            int32_t num_remaining, int32_t stride, const int32_t* remaining,
-                                            const double* v, double* shortest, int32_t* path, const int32_t* row4col) {
+DDETR_HOST_DEVICE_INLINE Candidate next_step(const Row& row, double min_val, double u_i, int32_t i, int32_t begin,
+                                             int32_t num_remaining, int32_t stride, const int32_t* remaining,
+                                             const double* v, double* shortest, int32_t* path, const int32_t* row4col) {
   Candidate best = no_candidate();
   for (int32_t it = begin; it < num_remaining; it += stride) {
     const int32_t j = remaining[it];
@@ -183,7 +177,7 @@ LSAP_HOST_DEVICE_INLINE Candidate next_step(const Row& row, double min_val, doub
 }
 
 // scipy's remaining list in its initial order (filled in reverse: a constant matrix gives the identity).
-LSAP_HOST_DEVICE_INLINE void reset_remaining(int32_t it, int32_t nc, int32_t* remaining, int32_t* pos) {
+DDETR_HOST_DEVICE_INLINE void reset_remaining(int32_t it, int32_t nc, int32_t* remaining, int32_t* pos) {
   remaining[it] = nc - it - 1;
   pos[nc - it - 1] = it;
 }
@@ -191,8 +185,8 @@ LSAP_HOST_DEVICE_INLINE void reset_remaining(int32_t it, int32_t nc, int32_t* re
 // Removes the winning column from the remaining list as scipy does (the last entry takes its place) and parks it
 // in the tail, so remaining[num_remaining:] lists the scanned columns (scipy's SC); taken_from[k] records where
 // the k-th removal came from, for restore_remaining. Returns the column.
-LSAP_HOST_DEVICE_INLINE int32_t take_column(int32_t key, int32_t nc, int32_t& num_remaining, int32_t* remaining,
-                                            int32_t* pos, int32_t* taken_from) {
+DDETR_HOST_DEVICE_INLINE int32_t take_column(int32_t key, int32_t nc, int32_t& num_remaining, int32_t* remaining,
+                                             int32_t* pos, int32_t* taken_from) {
   const int32_t index = key_position(key);
   const int32_t j = remaining[index];
   taken_from[nc - num_remaining] = index;
@@ -206,8 +200,8 @@ LSAP_HOST_DEVICE_INLINE int32_t take_column(int32_t key, int32_t nc, int32_t& nu
 
 // Undoes one search's removals in reverse order: scipy rebuilds the list for every row, this puts it back into its
 // initial order in O(path length) instead of O(nc) (most searches end after one step).
-LSAP_HOST_DEVICE_INLINE void restore_remaining(int32_t num_remaining, int32_t nc, int32_t* remaining, int32_t* pos,
-                                               const int32_t* taken_from) {
+DDETR_HOST_DEVICE_INLINE void restore_remaining(int32_t num_remaining, int32_t nc, int32_t* remaining, int32_t* pos,
+                                                const int32_t* taken_from) {
   for (int32_t k = nc - 1 - num_remaining; k >= 0; --k) {
     const int32_t tail = nc - 1 - k, index = taken_from[k];
     const int32_t j = remaining[tail], moved = remaining[index];
@@ -222,16 +216,16 @@ LSAP_HOST_DEVICE_INLINE void restore_remaining(int32_t num_remaining, int32_t nc
 // after u[cur_row] += min_val). scipy updates u of the tree rows and v of the scanned columns; every scanned
 // column but the sink is matched to exactly one tree row (row4col[j], with col4row of it == j), so a parallel
 // loop over scanned columns touches each dual once, with scipy's expressions.
-LSAP_HOST_DEVICE_INLINE void update_duals(int32_t j, int32_t sink, double min_val, const double* shortest,
-                                          const int32_t* row4col, double* u, double* v) {
+DDETR_HOST_DEVICE_INLINE void update_duals(int32_t j, int32_t sink, double min_val, const double* shortest,
+                                           const int32_t* row4col, double* u, double* v) {
   const double delta = min_val - shortest[j];
   v[j] -= delta;
   if (j != sink) u[row4col[j]] += delta;
 }
 
 // Flips the alternating path ending at `sink` back to `cur_row` (sequential: the path is a linked list).
-LSAP_HOST_DEVICE_INLINE void augment(int32_t cur_row, int32_t sink, const int32_t* path, int32_t* row4col,
-                                     int32_t* col4row) {
+DDETR_HOST_DEVICE_INLINE void augment(int32_t cur_row, int32_t sink, const int32_t* path, int32_t* row4col,
+                                      int32_t* col4row) {
   int32_t j = sink;
   while (true) {
     const int32_t i = path[j];

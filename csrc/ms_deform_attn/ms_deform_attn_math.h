@@ -16,13 +16,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define MSDA_HOST_DEVICE_INLINE __host__ __device__ __forceinline__
-#define MSDA_UNROLL _Pragma("unroll")
-#else
-#define MSDA_HOST_DEVICE_INLINE inline
-#define MSDA_UNROLL
-#endif
+#include "common/portability.h"
 
 namespace deformable_detr {
 namespace msda {
@@ -38,7 +32,7 @@ struct Corners {
 };
 
 template <typename acc_t>
-MSDA_HOST_DEVICE_INLINE Corners<acc_t> bilinear_corners(acc_t x, acc_t y, int64_t H, int64_t W) {
+DDETR_HOST_DEVICE_INLINE Corners<acc_t> bilinear_corners(acc_t x, acc_t y, int64_t H, int64_t W) {
   Corners<acc_t> c;
   const acc_t w_im = x * static_cast<acc_t>(W) - static_cast<acc_t>(0.5);
   const acc_t h_im = y * static_cast<acc_t>(H) - static_cast<acc_t>(0.5);
@@ -47,7 +41,7 @@ MSDA_HOST_DEVICE_INLINE Corners<acc_t> bilinear_corners(acc_t x, acc_t y, int64_
   c.any = (H > 0) && (W > 0) && (h_im > static_cast<acc_t>(-1)) && (w_im > static_cast<acc_t>(-1)) &&
           (h_im < static_cast<acc_t>(H)) && (w_im < static_cast<acc_t>(W));
   if (!c.any) {
-    MSDA_UNROLL
+    DDETR_UNROLL
     for (int k = 0; k < 4; ++k) {
       c.weight[k] = 0;
       c.offset[k] = 0;
@@ -75,7 +69,7 @@ MSDA_HOST_DEVICE_INLINE Corners<acc_t> bilinear_corners(acc_t x, acc_t y, int64_
   c.valid[3] = h1_ok && w1_ok;
   const acc_t raw[4] = {hh * hw, hh * c.lw, c.lh * hw, c.lh * c.lw};
   const int64_t off[4] = {h0 * W + w0, h0 * W + w0 + 1, (h0 + 1) * W + w0, (h0 + 1) * W + w0 + 1};
-  MSDA_UNROLL
+  DDETR_UNROLL
   for (int k = 0; k < 4; ++k) {
     c.weight[k] = c.valid[k] ? raw[k] : static_cast<acc_t>(0);
     c.offset[k] = c.valid[k] ? off[k] : 0;
@@ -87,27 +81,27 @@ MSDA_HOST_DEVICE_INLINE Corners<acc_t> bilinear_corners(acc_t x, acc_t y, int64_
 // check off the hot path. x != x rather than isnan(): the same on host and device, and kept under fast-math
 // flags that do not assume finite math (nvcc --use_fast_math does not).
 template <typename acc_t>
-MSDA_HOST_DEVICE_INLINE bool location_is_nan(acc_t x, acc_t y) {
+DDETR_HOST_DEVICE_INLINE bool location_is_nan(acc_t x, acc_t y) {
   return x != x || y != y;
 }
 
 // A quiet NaN in acc_t, usable on host and device (NAN from <cmath> is a float constant expression).
 template <typename acc_t>
-MSDA_HOST_DEVICE_INLINE acc_t quiet_nan() {
+DDETR_HOST_DEVICE_INLINE acc_t quiet_nan() {
   return static_cast<acc_t>(NAN);
 }
 
 // Bilinear value from the four corner values of one channel (invalid corners are already weighted 0).
 template <typename acc_t>
-MSDA_HOST_DEVICE_INLINE acc_t interpolate(const Corners<acc_t>& c, const acc_t v[4]) {
+DDETR_HOST_DEVICE_INLINE acc_t interpolate(const Corners<acc_t>& c, const acc_t v[4]) {
   return c.weight[0] * v[0] + c.weight[1] * v[1] + c.weight[2] * v[2] + c.weight[3] * v[3];
 }
 
 // Gradient of one channel's bilinear value w.r.t. (w_im, h_im), scaled by `coeff` (= attention weight x
 // upstream gradient) and added into (grad_w_im, grad_h_im). Invalid corners must be passed as v = 0.
 template <typename acc_t>
-MSDA_HOST_DEVICE_INLINE void accumulate_position_grad(const Corners<acc_t>& c, const acc_t v[4], acc_t coeff,
-                                                      acc_t& grad_w_im, acc_t& grad_h_im) {
+DDETR_HOST_DEVICE_INLINE void accumulate_position_grad(const Corners<acc_t>& c, const acc_t v[4], acc_t coeff,
+                                                       acc_t& grad_w_im, acc_t& grad_h_im) {
   const acc_t hh = static_cast<acc_t>(1) - c.lh;
   const acc_t hw = static_cast<acc_t>(1) - c.lw;
   grad_w_im += coeff * (hh * (v[1] - v[0]) + c.lh * (v[3] - v[2]));
@@ -116,8 +110,8 @@ MSDA_HOST_DEVICE_INLINE void accumulate_position_grad(const Corners<acc_t>& c, c
 
 // d(w_im)/dx = W and d(h_im)/dy = H: the location gradient in normalized coordinates.
 template <typename acc_t>
-MSDA_HOST_DEVICE_INLINE void position_grad_to_location(acc_t grad_w_im, acc_t grad_h_im, int64_t H, int64_t W,
-                                                       acc_t& grad_x, acc_t& grad_y) {
+DDETR_HOST_DEVICE_INLINE void position_grad_to_location(acc_t grad_w_im, acc_t grad_h_im, int64_t H, int64_t W,
+                                                        acc_t& grad_x, acc_t& grad_y) {
   grad_x = grad_w_im * static_cast<acc_t>(W);
   grad_y = grad_h_im * static_cast<acc_t>(H);
 }

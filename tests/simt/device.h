@@ -41,7 +41,7 @@ struct SimtDevice {
   }
 
   template <typename Kernel, typename... Args>
-  void launch(const deformable_detr::msda::LaunchInfo& info, Kernel kernel, int64_t blocks, int threads, size_t shared,
+  void launch(const deformable_detr::LaunchInfo& info, Kernel kernel, int64_t blocks, int threads, size_t shared,
               Args... args) {
     record_launch(std::string(info.kernel) + "|" + std::string(c10::toString(dtype)) + "|" + std::to_string(info.vec) +
                   "|" + std::to_string(info.group_size) + "|" + std::to_string(info.tiles) + "|sm" +

@@ -1,4 +1,4 @@
-// Python bindings of the SIMT emulator (built by tests/simt/build.py with torch.utils.cpp_extension.load).
+// Python bindings of the SIMT emulator (built by tests/support/simt_emulator.py with torch.utils.cpp_extension.load).
 #include <torch/extension.h>
 
 #include "device.h"

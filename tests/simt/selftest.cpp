@@ -83,7 +83,7 @@ at::Tensor planted(const std::string& name, uint64_t seed, int poison) {
   const auto opts = at::TensorOptions().dtype(at::kFloat);
   at::Tensor out = dev.zeros({64}, opts);
   float* o = out.data_ptr<float>();
-  const deformable_detr::msda::LaunchInfo info{"planted", 0, 0, 0};
+  const deformable_detr::LaunchInfo info{"planted", 0, 0, 0};
   try {
     if (name == "divergent_shuffle") {
       dev.launch(info, divergent_shuffle, 1, 64, 0, o);

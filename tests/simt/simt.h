@@ -9,7 +9,7 @@
 // model / hardware atomicity beyond sequential consistency, timing and performance.
 #pragma once
 
-#define DEFORMABLE_DETR_SIMT 1
+#define DDETR_SIMT 1
 
 #include <atomic>
 #include <cstddef>

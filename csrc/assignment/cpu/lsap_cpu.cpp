@@ -113,7 +113,7 @@ int32_t solve_one(const scalar_t* cost, int64_t rows, int64_t cols, int64_t ld, 
 // helpers queued on the inter-op pool. The caller never waits for a helper to start, only for problems a helper
 // has already claimed. Why not at::parallel_for: on a loaded machine a woken thread may get no core for
 // milliseconds, and the OpenMP region (static split, join barrier) measured 10x slower than one thread at
-// 112 x 300 x 20 on the shared 2-core dev box; this scheme degrades to the one-thread time instead.
+// 112 x 300 x 20 on 2 cores busy with other processes; this scheme degrades to the one-thread time instead.
 template <typename scalar_t>
 struct BatchJob {
   const scalar_t* cost;

@@ -1,5 +1,6 @@
-// Host flow of the CUDA batched LSAP op over a `Device` policy (see ms_deform_attn/cuda/ms_deform_attn_host.h for
-// the policy's members): the real launcher (lsap_cuda.cu) and the SIMT emulator (tests/simt/) share it.
+// Host flow of the CUDA batched LSAP op over a `Device` policy (the members listed in
+// ms_deform_attn/cuda/ms_deform_attn_host.h but zeros() and min_threads_in_flight()): the real launcher (lsap_cuda.cu)
+// and the SIMT emulator (tests/simt/) share it.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,7 +12,7 @@
 #include "assignment/cuda/lsap_kernel.cuh"
 #include "assignment/cuda/lsap_launch.h"
 #include "assignment/lsap_checks.h"
-#include "ms_deform_attn/cuda/ms_deform_attn_launch.h"
+#include "common/launch_info.h"
 
 namespace deformable_detr {
 namespace lsap {
@@ -31,8 +32,8 @@ std::tuple<at::Tensor, at::Tensor> batched_lsap_on(Device& dev, const at::Tensor
     const LsapLaunch p = lsap_launch(N, M, sizeof(scalar_t));
     at::Tensor global_state;
     if (!p.state_in_shared) global_state = dev.empty({B * p.state}, cost.options().dtype(at::kByte));
-    const msda::LaunchInfo info{p.cache_cost ? "lsap_cached" : (p.state_in_shared ? "lsap_shared" : "lsap_global"), 0,
-                                p.threads, 0};
+    const LaunchInfo info{p.cache_cost ? "lsap_cached" : (p.state_in_shared ? "lsap_shared" : "lsap_global"), 0,
+                          p.threads, 0};
     dev.launch(info, batched_lsap_kernel<scalar_t>, B, p.threads, static_cast<size_t>(p.shared_bytes),
                cost.const_data_ptr<scalar_t>(), num_cols.has_value() ? num_cols->const_data_ptr<int64_t>() : nullptr,
                static_cast<int32_t>(N), static_cast<int32_t>(M), assignment.mutable_data_ptr<int64_t>(),

@@ -25,7 +25,7 @@ struct BlockShared {
 
 // Per-problem scratch: float64 duals and distances, then int32 bookkeeping. Sizes are multiples of 8 bytes so the
 // optional cost cache that follows in shared memory is aligned for double.
-LSAP_HOST_DEVICE_INLINE int64_t state_bytes(int64_t nr_cap, int64_t nc_cap) {
+DDETR_HOST_DEVICE_INLINE int64_t state_bytes(int64_t nr_cap, int64_t nc_cap) {
   const int64_t bytes = 8 * (nr_cap + 2 * nc_cap) + 4 * (nr_cap + 5 * nc_cap);
   return (bytes + 7) / 8 * 8;
 }

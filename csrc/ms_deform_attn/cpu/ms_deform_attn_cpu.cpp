@@ -9,9 +9,9 @@
 
 #include "ms_deform_attn/cpu/ms_deform_attn_cpu_kernels.h"
 
-#define MSDA_CPU_ISA base
+#define DDETR_CPU_ISA base
 #include "ms_deform_attn/cpu/ms_deform_attn_cpu_kernels_impl.h"
-#undef MSDA_CPU_ISA
+#undef DDETR_CPU_ISA
 
 namespace deformable_detr {
 namespace msda {

@@ -12,16 +12,16 @@
 #include "ms_deform_attn/cpu/ms_deform_attn_cpu_kernels.h"
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
-#define MSDA_HAVE_AVX2_COPY 1
+#define DDETR_HAVE_AVX2_COPY 1
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
 #else
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #endif
-#define MSDA_CPU_ISA avx2
+#define DDETR_CPU_ISA avx2
 #include "ms_deform_attn/cpu/ms_deform_attn_cpu_kernels_impl.h"
-#undef MSDA_CPU_ISA
+#undef DDETR_CPU_ISA
 #if defined(__clang__)
 #pragma clang attribute pop
 #else
@@ -33,7 +33,7 @@ namespace deformable_detr {
 namespace msda {
 
 bool cpu_kernels_use_avx2() {
-#if defined(MSDA_HAVE_AVX2_COPY)
+#if defined(DDETR_HAVE_AVX2_COPY)
   // DEFORMABLE_DETR_DISABLE_AVX2=1 forces the baseline copy (tests run both copies this way).
   static const bool supported =
       __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
@@ -44,7 +44,7 @@ bool cpu_kernels_use_avx2() {
 #endif
 }
 
-#if !defined(MSDA_HAVE_AVX2_COPY)
+#if !defined(DDETR_HAVE_AVX2_COPY)
 // Never called (cpu_kernels_use_avx2() is false); defined so the baseline file links on every target.
 namespace avx2 {
 template <typename scalar_t>

@@ -16,7 +16,7 @@
 namespace deformable_detr {
 namespace msda {
 
-#define MSDA_DECLARE_CPU_KERNELS(ns)                                                                                \
+#define DDETR_MSDA_DECLARE_CPU_KERNELS(ns)                                                                          \
   namespace ns {                                                                                                    \
   template <typename scalar_t>                                                                                      \
   void forward(const scalar_t* value, const int64_t* shapes, const int64_t* starts,                                 \
@@ -28,9 +28,9 @@ namespace msda {
                 at::opmath_type<scalar_t>* grad_value_acc, at::opmath_type<scalar_t>* grad_locations,               \
                 at::opmath_type<scalar_t>* grad_weights, const Sizes& s, int64_t chunks);                           \
   }
-MSDA_DECLARE_CPU_KERNELS(base)
-MSDA_DECLARE_CPU_KERNELS(avx2)
-#undef MSDA_DECLARE_CPU_KERNELS
+DDETR_MSDA_DECLARE_CPU_KERNELS(base)
+DDETR_MSDA_DECLARE_CPU_KERNELS(avx2)
+#undef DDETR_MSDA_DECLARE_CPU_KERNELS
 
 // True when the AVX2+FMA copy was compiled (x86-64 with GCC/Clang) and this CPU runs it.
 bool cpu_kernels_use_avx2();

@@ -1,6 +1,6 @@
 // CPU kernel bodies of multi-scale deformable attention, compiled twice: once for the baseline ISA
 // (ms_deform_attn_cpu.cpp) and once with AVX2+FMA (ms_deform_attn_cpu_avx2.cpp), picked at run time. Include only
-// after defining MSDA_CPU_ISA (the namespace of this copy) and after every system/ATen header, so that a target
+// after defining DDETR_CPU_ISA (the namespace of this copy) and after every system/ATen header, so that a target
 // pragma in force around this include reaches our kernels alone.
 #include "ms_deform_attn/cpu/ms_deform_attn_cpu_kernels.h"
 
@@ -12,7 +12,7 @@
 
 namespace deformable_detr {
 namespace msda {
-namespace MSDA_CPU_ISA {
+namespace DDETR_CPU_ISA {
 namespace {
 
 // 32-byte vectors of the accumulation type (GCC/Clang vector extensions): one ymm register in the AVX2 copy, a
@@ -382,18 +382,18 @@ void backward(const scalar_t* grad_out, const scalar_t* value, const int64_t* sh
   });
 }
 
-#define MSDA_INSTANTIATE(T)                                                                                           \
+#define DDETR_MSDA_INSTANTIATE(T)                                                                                     \
   template void forward<T>(const T*, const int64_t*, const int64_t*, const at::opmath_type<T>*,                       \
                            const at::opmath_type<T>*, T*, const Sizes&);                                              \
   template void backward<T>(const T*, const T*, const int64_t*, const int64_t*, const at::opmath_type<T>*,            \
                             const at::opmath_type<T>*, at::opmath_type<T>*, at::opmath_type<T>*, at::opmath_type<T>*, \
                             const Sizes&, int64_t);
-MSDA_INSTANTIATE(float)
-MSDA_INSTANTIATE(double)
-MSDA_INSTANTIATE(c10::BFloat16)
-#undef MSDA_INSTANTIATE
+DDETR_MSDA_INSTANTIATE(float)
+DDETR_MSDA_INSTANTIATE(double)
+DDETR_MSDA_INSTANTIATE(c10::BFloat16)
+#undef DDETR_MSDA_INSTANTIATE
 
-}  // namespace MSDA_CPU_ISA
+}  // namespace DDETR_CPU_ISA
 }  // namespace msda
 }  // namespace deformable_detr
 

@@ -10,6 +10,8 @@
 #include <initializer_list>
 #include <type_traits>
 
+#include "common/launch_info.h"
+
 namespace deformable_detr {
 namespace msda {
 
@@ -77,14 +79,6 @@ void dispatch_vec(int vec, Launch&& launch) {
   TORCH_CHECK(vec == 1, "ms_deform_attn (CUDA): internal error, unsupported vector width ", vec);
   launch(std::integral_constant<int, 1>{});
 }
-
-// What a launch ran with, for the emulator's coverage table (the real launcher ignores it).
-struct LaunchInfo {
-  const char* kernel;
-  int vec;         // 0 for kernels without channel vectors
-  int group_size;  // lanes per head / run (0 likewise)
-  int64_t tiles;
-};
 
 }  // namespace msda
 }  // namespace deformable_detr

@@ -1,12 +1,12 @@
 // CUDA-only helpers of the MSDA kernels: vector loads/stores of VEC channels converted to the accumulation
 // type, vector atomics into the fp32/fp64 gradient buffer, group (sub-warp) reductions.
 //
-// Under the SIMT emulator (tests/simt/, DEFORMABLE_DETR_SIMT defined) the runtime types come from the emulator,
+// Under the SIMT emulator (tests/simt/, DDETR_SIMT defined) the runtime types come from the emulator,
 // every vector access is range- and alignment-checked (DDETR_CHECK_ACCESS) and the sm_90 branch is a runtime choice,
 // so both paths run; under nvcc the checks are empty and the branch is the preprocessor's.
 #pragma once
 
-#if !defined(DEFORMABLE_DETR_SIMT)
+#if !defined(DDETR_SIMT)
 #include <cuda_runtime.h>
 #define DDETR_CHECK_ACCESS(ptr, bytes, kind)
 #endif
@@ -52,8 +52,8 @@ __device__ __forceinline__ void atomic_add_scalars(acc_t* dst, const acc_t (&val
 
 template <int VEC>
 __device__ __forceinline__ void atomic_add_vec(float* dst, const float (&val)[VEC]) {
-#if defined(DEFORMABLE_DETR_SIMT) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
-#if defined(DEFORMABLE_DETR_SIMT)
+#if defined(DDETR_SIMT) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+#if defined(DDETR_SIMT)
   const bool vector_atomics = ::simt::arch() >= 900;
 #else
   constexpr bool vector_atomics = true;
