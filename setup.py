@@ -10,6 +10,8 @@ output only with ``pip install -v``):
 The toolkit is CUDA_HOME (or CUDA_PATH) if set; else /usr/local/cuda when it holds bin/nvcc; else the prefix of the
 nvcc on PATH. Validation: ``<toolkit>/bin/nvcc --version`` runs, its CUDA major version equals torch.version.cuda's,
 and ``<toolkit>/include/cuda_runtime.h`` exists (the nvcc on PATH may be a wrapper whose toolkit is gone).
+Sources and compiler flags come from build_config.json (shared with CMakeLists.txt and the SIMT emulator); the
+version is deformable_detr/__init__.py's __version__ (pyproject.toml reads it).
 TORCH_CUDA_ARCH_LIST and MAX_JOBS are honoured by torch.utils.cpp_extension itself; without TORCH_CUDA_ARCH_LIST
 the visible GPUs' architectures are built, or DEFAULT_ARCH_LIST when no GPU is visible.
 A wheel with the compiled extension requires the torch major.minor it was built against (the C++ ABI of torch
@@ -117,6 +119,26 @@ def _flag(name, env=None):
     return env.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
+def build_config():
+    """build_config.json: sources and compiler flags, the one description setup.py, CMake and the emulator read."""
+    with open(os.path.join(ROOT, "build_config.json")) as f:
+        return json.load(f)
+
+
+def compile_args(config, use_cuda, windows=os.name == "nt"):
+    """``(extra_compile_args, extra_link_args)`` of the extension for this build."""
+    std = config["cxx_standard"]
+    if windows:
+        extra = {"cxx": [*config["msvc_flags"], f"/std:c++{std}", "/openmp"]}
+        link = []
+    else:
+        extra = {"cxx": [*config["cxx_flags"], f"-std=c++{std}", "-fopenmp"]}
+        link = ["-fopenmp"]
+    if use_cuda:
+        extra["nvcc"] = [*config["nvcc_flags"], f"-std=c++{std}"]
+    return extra, link
+
+
 def torch_requirement(torch_version):
     """The torch a built wheel needs: the same major.minor (``torch==2.14.*``)."""
     major, minor = torch_version.split("+")[0].split(".")[:2]
@@ -136,27 +158,14 @@ def _extensions():
     if use_cuda:
         cpp_extension.CUDA_HOME = cuda_home
 
-    csrc = os.path.join("csrc")
+    config = build_config()
+    csrc = config["source_root"]
     sources = sorted(glob.glob(os.path.join(csrc, "**", "*.cpp"), recursive=True))
-    cuda_sources = sorted(glob.glob(os.path.join(csrc, "**", "cuda", "*.cu"), recursive=True))
-    cxx = ["-O3", "-std=c++20", "-fopenmp"] if os.name != "nt" else ["/O2", "/std:c++20", "/openmp"]
-    define_macros = []
     include_dirs = [os.path.join(ROOT, csrc)]
-    extra = {"cxx": cxx}
+    extra, link = compile_args(config, use_cuda)
     if use_cuda:
         ext_cls = cpp_extension.CUDAExtension
-        sources = sources + cuda_sources
-        define_macros.append(("WITH_CUDA", None))
-        extra["nvcc"] = [
-            "-O3",
-            "-std=c++20",
-            "--use_fast_math",
-            "--expt-relaxed-constexpr",
-            "-U__CUDA_NO_HALF_OPERATORS__",
-            "-U__CUDA_NO_HALF_CONVERSIONS__",
-            "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-            "-U__CUDA_NO_HALF2_OPERATORS__",
-        ]
+        sources += sorted(glob.glob(os.path.join(csrc, "**", "*.cu"), recursive=True))
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             if torch.cuda.is_available():
                 # What torch would derive from the visible GPUs, made explicit so that it can be reported.
@@ -180,9 +189,8 @@ def _extensions():
         "deformable_detr._C",
         sources,
         include_dirs=include_dirs,
-        define_macros=define_macros,
         extra_compile_args=extra,
-        extra_link_args=["-fopenmp"] if os.name != "nt" else [],
+        extra_link_args=link,
     )
     base = cpp_extension.BuildExtension.with_options(no_python_abi_suffix=True)
 

@@ -4,7 +4,9 @@ no compile), and the wheel carries py.typed and says which torch it needs."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -97,3 +99,22 @@ def test_wheel_has_py_typed_and_its_requirements(tmp_path):
     assert "deformable_detr/py.typed" in names
     assert "Requires-Dist: torch>=2.4" in metadata
     assert "Provides-Extra: train" in metadata and "pycocotools" in metadata
+
+
+def test_one_build_description(setup_module_):
+    """build_config.json holds sources and compiler flags for setup.py, CMake and the SIMT emulator;
+    deformable_detr/__init__.py holds the version (pyproject.toml reads it)."""
+    config = json.loads((REPO / "build_config.json").read_text())
+    extra, link = setup_module_.compile_args(config, use_cuda=True, windows=False)
+    assert extra["cxx"] == [*config["cxx_flags"], f"-std=c++{config['cxx_standard']}", "-fopenmp"]
+    assert extra["nvcc"][: len(config["nvcc_flags"])] == config["nvcc_flags"] and link == ["-fopenmp"]
+    assert "nvcc" not in setup_module_.compile_args(config, use_cuda=False, windows=False)[0]
+    readers = {p: (REPO / p).read_text() for p in ("setup.py", "CMakeLists.txt", "tests/support/simt_emulator.py")}
+    for path, text in readers.items():
+        assert "build_config.json" in text, path
+        for literal in ("-O3", "-O1", "c++20", "--use_fast_math", "WITH_CUDA", "SIMT=1"):
+            assert literal not in text, (path, literal)
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert not re.search(r"^version\s*=\s*\"", pyproject, re.M) and 'attr = "deformable_detr.__version__"' in pyproject
+    init = (REPO / "deformable_detr" / "__init__.py").read_text()
+    assert re.search(r'^__version__ = "\d+\.\d+\.\d+"$', init, re.M)

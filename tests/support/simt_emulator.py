@@ -7,11 +7,11 @@ and calls one of its entry points. See tests/simt/simt.h for what is and is not 
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = ["simt.cpp", "device.cpp", "msda.cpp", "lsap.cpp", "selftest.cpp", "module.cpp"]
 PLACEMENTS = {"aligned": 0, "flush_front": 1, "flush_end": 2}
 
 
@@ -19,14 +19,21 @@ PLACEMENTS = {"aligned": 0, "flush_front": 1, "flush_end": 2}
 def load():
     from torch.utils import cpp_extension
 
+    config = json.loads((ROOT / "build_config.json").read_text())
+    emulator = config["emulator"]
+    emulator_root = ROOT / emulator["source_root"]
     build_dir = ROOT / "build" / "simt"
     build_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 2))
     return cpp_extension.load(
         name="deformable_detr_simt",
-        sources=[str(ROOT / "tests" / "simt" / s) for s in SOURCES],
-        extra_include_paths=[str(ROOT / "csrc"), str(ROOT / "tests" / "simt")],
-        extra_cflags=["-O1", "-std=c++20", "-DDEFORMABLE_DETR_SIMT=1"],
+        sources=sorted(str(p) for p in emulator_root.glob("*.cpp")),
+        extra_include_paths=[str(ROOT / config["source_root"]), str(emulator_root)],
+        extra_cflags=[
+            *emulator["cxx_flags"],
+            f"-std=c++{config['cxx_standard']}",
+            *(f"-D{define}" for define in emulator["defines"]),
+        ],
         build_directory=str(build_dir),
         with_cuda=False,
         verbose=False,
