@@ -9,9 +9,6 @@ import numpy as np
 
 from deformable_detr.engine.distributed import all_gather_objects
 
-# Order of COCOeval.stats for iouType="bbox" at the default cap of 100 detections per image.
-STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR@1", "AR@10", "AR@100", "ARs", "ARm", "ARl")
-
 
 class CocoEvaluator:
     """Collect detections per image (``update``), then ``summarize`` on every rank -> dict of COCO metrics.
