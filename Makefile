@@ -59,12 +59,12 @@ bench-quick: setup
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check deformable_detr tests benchmarks experiments setup.py
 	$(VENV)/bin/ruff check deformable_detr tests benchmarks experiments setup.py
-	$(VENV)/bin/clang-format --dry-run --Werror $$(find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+	$(VENV)/bin/clang-format --dry-run --Werror $$(find csrc tests/cpp tests/simt -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format deformable_detr tests benchmarks experiments setup.py
 	$(VENV)/bin/ruff check --fix deformable_detr tests benchmarks experiments setup.py
-	$(VENV)/bin/clang-format -i $$(find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+	$(VENV)/bin/clang-format -i $$(find csrc tests/cpp tests/simt -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
 clean:
 	rm -rf build deformable_detr/_C*.so *.egg-info
