@@ -11,7 +11,7 @@ try:
 except ImportError as _exc:  # triton missing, or too old for torch.library.triton_op
     _IMPORT_ERROR = f"{type(_exc).__name__}: {_exc}"
 
-    def ms_deform_attn_triton(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    def ms_deform_attn_triton(*args, **kwargs):
         raise RuntimeError(
             f'ms_deform_attn: backend "triton" needs the triton package (pip install triton); import failed with '
             f"{_IMPORT_ERROR}"
