@@ -115,7 +115,7 @@ def _load_discrete_sample(loc_ptr, attn_ptr, sample, q_mask, H, W, level_ok, ACC
 @triton.jit
 def _load_sample(loc_ptr, attn_ptr, sample, q_mask, H, W, level_ok, ACC: tl.constexpr):
     """Attention weight, bilinear fractions, corner indices and corner validity of one (level, point) sample
-    for a block of queries; ``sample`` is the flat (n, q, m, l, p) index. ``is_nan``: the sample's x or y is NaN
+    for a block of queries; ``sample`` is the flat (n, q, m, k) index. ``is_nan``: the sample's x or y is NaN
     (its head's output and its location / weight gradients are NaN; it reads nothing)."""
     loc_x = tl.load(loc_ptr + 2 * sample, mask=q_mask, other=0.0).to(ACC)
     loc_y = tl.load(loc_ptr + 2 * sample + 1, mask=q_mask, other=0.0).to(ACC)
