@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import test_msda_points as points_tests
+import torch
 from oracle import make_inputs, make_points_inputs, oracle_output_and_grads, output_and_grads, rel_err
 from test_msda import CASES as CPU_CASES
 from test_msda_nan import assert_follows_rule
