@@ -3,7 +3,11 @@
 from deformable_detr.modules import MSDeformAttn, MSDeformAttnFunction
 from deformable_detr.ops.assignment import batched_linear_sum_assignment, linear_sum_assignment
 from deformable_detr.ops.ms_deform_attn import available_backends, ms_deform_attn
+from deformable_detr.ops.onnx import register as _register_onnx
 from deformable_detr.ops.reference import ms_deform_attn_reference
+
+# A plain torch.onnx.export of anything calling our op (both exporters); onnxscript itself is not imported here.
+_register_onnx()
 
 __version__ = "0.1.0"
 

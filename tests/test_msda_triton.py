@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import test_msda_points as points_tests
 import torch
-from support.oracle import make_inputs, oracle_output_and_grads, output_and_grads, rel_err
+from support.oracle import make_inputs, make_points_inputs, oracle_output_and_grads, output_and_grads, rel_err
 from test_msda import CASES as CPU_CASES
 from test_msda_nan import assert_follows_rule
 
@@ -41,6 +42,21 @@ CASES = {
     "eight_levels": (1, [(3, 3), (2, 4), (1, 1), (2, 2), (4, 1), (1, 3), (2, 1), (3, 2)], 1, 3, 4, 2),
 }
 FP32_TOL = 2e-4
+
+
+@pytest.fixture
+def triton_calls(monkeypatch):
+    """Calls that reached the Triton entry (the dispatcher falls back to the reference for a layout or sampling
+    mode a backend does not run natively, which these tests must not pass through)."""
+    calls = []
+    real = triton_ops.ms_deform_attn_triton
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(triton_ops, "ms_deform_attn_triton", counting)
+    return calls
 
 
 def _triton(*args):
@@ -98,8 +114,9 @@ def _check_half(case, dtype, device):
 def test_interpreter_suite():
     env = dict(os.environ, TRITON_INTERPRET="1")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", "-k", "interp_", __file__]
+    # Generous: every interpreted launch runs the kernel in Python, and CI machines are shared.
     proc = subprocess.run(
-        cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=900
+        cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=2400
     )
     report = (proc.stdout + proc.stderr)[-20000:]
     assert proc.returncode == 0, f"TRITON_INTERPRET=1 run failed ({' '.join(cmd)}):\n{report}"
@@ -280,6 +297,163 @@ def test_interp_rejects_unsupported_input():
         triton_ops.ms_deform_attn_triton(value, ss.int(), lsi, loc, attn)
     with pytest.raises(TypeError, match="value"):
         triton_ops.ms_deform_attn_triton(value.long(), ss, lsi, loc, attn)
+
+
+# --- points per level and discrete sampling (the CPU backends' tests of test_msda_points, run on Triton) ------
+
+
+@interp
+@pytest.mark.parametrize("sampling", points_tests.SAMPLINGS)
+@pytest.mark.parametrize("case", list(points_tests.CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_interp_points_match_oracle(sampling, case, dtype, triton_calls):
+    points_tests.test_points_match_oracle("triton", sampling, case, dtype)
+    assert triton_calls, "the call did not reach the Triton kernels"
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_interp_discrete_uniform_layout_matches_oracle(dtype, triton_calls):
+    points_tests.test_discrete_uniform_layout_matches_oracle("triton", dtype)
+    assert triton_calls
+
+
+@interp
+def test_interp_discrete_rounds_half_up_and_clamps_to_the_border(triton_calls):
+    points_tests.test_discrete_rounds_half_up_and_clamps_to_the_border("triton")
+    assert triton_calls
+
+
+@interp
+@pytest.mark.parametrize("sampling", points_tests.SAMPLINGS)
+def test_interp_uniform_points_per_level_equals_the_6d_layout(sampling):
+    points_tests.test_uniform_points_per_level_equals_the_6d_layout("triton", sampling)
+
+
+@interp
+@pytest.mark.parametrize("sampling", points_tests.SAMPLINGS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_interp_points_half_within_twice_reference_error(sampling, dtype):
+    points_tests.test_half_precision_within_twice_reference_error("triton", sampling, dtype)
+
+
+@interp
+@pytest.mark.parametrize("sampling", points_tests.SAMPLINGS)
+def test_interp_points_gradcheck_float64(sampling):
+    counts = [2, 0, 3]
+    value, ss, lsi, loc, attn = make_points_inputs(2, [(3, 4), (2, 2), (2, 1)], 2, 3, 3, counts, dtype=torch.float64)
+    inputs = tuple(t.requires_grad_(True) for t in (value, loc, attn))
+    fn = lambda v, l, a: dd.ms_deform_attn(  # noqa: E731
+        v, ss, lsi, l, a, backend="triton", points_per_level=counts, sampling=sampling
+    )
+    # fast_mode: a full Jacobian is one interpreted launch per input element (test_gradcheck_float64 of
+    # test_msda_points, too slow under the interpreter).
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+@interp
+@pytest.mark.parametrize("sampling", points_tests.SAMPLINGS)
+@pytest.mark.parametrize("N,Q", [(0, 5), (2, 0)])
+def test_interp_points_empty_batch_or_queries(sampling, N, Q):
+    points_tests.test_empty_batch_or_queries("triton", sampling, N, Q)
+
+
+@interp
+@pytest.mark.parametrize("sampling", points_tests.SAMPLINGS)
+def test_interp_points_non_contiguous_inputs(sampling):
+    points_tests.test_non_contiguous_inputs("triton", sampling)
+
+
+@interp
+@pytest.mark.parametrize("all_empty", [False, True])
+def test_interp_discrete_nan_rule(all_empty, triton_calls):
+    points_tests.test_discrete_nan_rule("triton", all_empty)
+    assert triton_calls
+
+
+@interp
+@pytest.mark.parametrize("sampling", points_tests.SAMPLINGS)
+@pytest.mark.parametrize("shapes", [[(4, 3), (2, 5), (1, 1)], [(0, 3), (2, 0), (0, 0)]], ids=["maps", "all_empty"])
+def test_interp_points_non_finite_inputs_as_the_reference(sampling, shapes):
+    """NaN / +-inf locations and NaN weights on the points layout: the Triton output and gradients have the
+    reference backend's NaN pattern and values (the reference implements the rule for both samplings)."""
+    counts = [2, 0, 3]
+    value, ss, lsi, loc, attn = make_points_inputs(1, shapes, 2, 3, 4, counts, dtype=torch.float64, seed=6)
+    loc[0, 0, 0, 1, 0] = float("nan")
+    loc[0, 1, 1, 4, 1] = float("inf")
+    loc[0, 2, 0, 2, 0] = -float("inf")
+    attn[0, 3, 1, 3] = float("nan")
+    grad_out = torch.randn(1, 4, 6, dtype=torch.float64)
+    layout = dict(points_per_level=counts, sampling=sampling)
+    got = _run(lambda *a: dd.ms_deform_attn(*a, backend="triton", **layout), value, ss, lsi, loc, attn, grad_out)
+    want = _run(lambda *a: dd.ms_deform_attn(*a, backend="pytorch", **layout), value, ss, lsi, loc, attn, grad_out)
+    for name, g, w in zip(
+        ("out", "grad value", "grad locations", "grad weights"), [got[0], *got[1]], [want[0], *want[1]]
+    ):
+        assert torch.equal(g.isnan(), w.isnan()), f"{name}: NaN pattern differs from the reference"
+        finite = ~w.isnan()
+        assert torch.allclose(g[finite], w[finite], rtol=1e-9, atol=1e-12), f"{name}: values differ"
+
+
+@interp
+@pytest.mark.parametrize("sampling", points_tests.SAMPLINGS)
+def test_interp_nan_location_with_every_level_empty(sampling):
+    """S = 0 (every level empty), the 6-D layout: a NaN location still makes its head NaN with NaN location and
+    weight gradients; a NaN weight gives NaN location gradients (bilinear) and a zero weight gradient. Failed
+    before: the Triton launchers returned zeros without running the kernels whenever S = 0."""
+    value = torch.randn(1, 0, 1, 4, dtype=torch.float64)
+    ss, lsi = torch.tensor([[0, 1]]), torch.tensor([0])
+    loc = torch.tensor([[0.5, float("nan")], [0.3, 0.3]], dtype=torch.float64).view(1, 1, 1, 1, 2, 2)
+    attn = torch.tensor([1.0, float("nan")], dtype=torch.float64).view(1, 1, 1, 1, 2)
+    grad_out = torch.ones(1, 1, 4, dtype=torch.float64)
+    call = lambda *a: dd.ms_deform_attn(*a, backend="triton", sampling=sampling)  # noqa: E731
+    out, (g_value, g_loc, g_attn) = _run(call, value, ss, lsi, loc, attn, grad_out)
+    assert bool(out.isnan().all()) and g_value.shape == value.shape
+    assert bool(g_loc[..., 0, :].isnan().all())
+    if sampling == "bilinear":
+        assert bool(g_loc[..., 1, :].isnan().all())
+    else:
+        assert bool((g_loc[..., 1, :] == 0).all())
+    assert bool(g_attn[..., 0].isnan().all()) and bool((g_attn[..., 1] == 0).all())
+
+
+@interp
+def test_interp_corrupt_point_table_reads_inside_k():
+    """The kernels clamp a point table's ranges into [0, K): a table that overruns K (or runs backwards) reads no
+    point outside the row, and a level's range past K is empty."""
+    counts = [2, 3]
+    value, ss, lsi, loc, attn = make_points_inputs(1, [(3, 3), (2, 2)], 2, 4, 3, counts, dtype=torch.float64)
+    op = torch.ops.deformable_detr.ms_deform_attn_triton
+    good = op(value, ss, lsi, loc, attn, torch.tensor([0, 2, 5]), False)
+    overrun = op(value, ss, lsi, loc, attn, torch.tensor([0, 2, 500]), False)
+    assert torch.equal(overrun, good)
+    backwards = op(value, ss, lsi, loc, attn, torch.tensor([0, 2, -7]), False)
+    level0 = op(value, ss, lsi, loc, attn, torch.tensor([0, 2, 2]), False)
+    assert torch.equal(backwards, level0)
+
+
+@interp
+def test_interp_opcheck_points_and_discrete():
+    counts = [2, 0, 3]
+    value, ss, lsi, loc, attn = make_points_inputs(2, [(3, 4), (2, 2), (2, 1)], 2, 5, 3, counts, seed=4)
+    starts = torch.tensor([0, 2, 2, 5])
+    for t in (value, loc, attn):
+        t.requires_grad_(True)
+    for discrete in (False, True):
+        torch.library.opcheck(
+            torch.ops.deformable_detr.ms_deform_attn_triton.default,
+            (value, ss, lsi, loc, attn, starts, discrete),
+            test_utils=("test_schema", "test_autograd_registration"),
+        )
+
+
+@interp
+def test_interp_rejects_a_bad_point_table():
+    value, ss, lsi, loc, attn = make_points_inputs(1, [(2, 2), (1, 1)], 1, 2, 2, [1, 2])
+    with pytest.raises(ValueError, match="point_start"):
+        triton_ops.ms_deform_attn_triton(value, ss, lsi, loc, attn, point_start=torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="point_start"):
+        triton_ops.ms_deform_attn_triton(value, ss, lsi, loc, attn, point_start=torch.tensor([0, 1, 3]).int())
 
 
 # --- outside the interpreter ---------------------------------------------------------------------------------

@@ -1,8 +1,18 @@
-"""ONNX export of the op (issue 16 item 9): torch.onnx.export(dynamo=True) of MSDeformAttn failed on
-deformable_detr::ms_deform_attn. The decomposed graph runs in onnxruntime against our op; the TensorRT graph has
-the plugin node TensorRT's multi-scale deformable attention plugin consumes (not runnable here)."""
+"""ONNX export of the op (issue 16 item 9) and plain ``torch.onnx.export`` (issue 21 item 5).
+
+torch.onnx.export(dynamo=True) of MSDeformAttn failed on deformable_detr::ms_deform_attn; ``import deformable_detr``
+now registers the decomposed translation with both exporters, so a plain export works (dynamo=True and False). The
+decomposed graph runs in onnxruntime against our op; the TensorRT graph has the plugin node TensorRT's multi-scale
+deformable attention plugin consumes (not runnable here). A whole detector exports with dynamic batch and image size
+and named outputs. Points per level / discrete sampling: tests/test_onnx_points.py."""
 
 from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,16 +50,55 @@ def _module():
     return module
 
 
-def _run(model_proto, inputs):
-    session = ort.InferenceSession(model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+def _run_bytes(model_bytes, inputs):
+    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     return torch.from_numpy(session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})[0])
 
 
-def test_export_without_translation_fails_with_our_op():
-    # What a user hit: the op has no ONNX translation unless the table is given.
-    with pytest.raises(Exception, match="ms_deform_attn"):
-        torch.onnx.export(_module(), _module_inputs(1, 5), dynamo=True)
+def _run(model_proto, inputs):
+    return _run_bytes(model_proto.SerializeToString(), inputs)
+
+
+def _assert_matches_module(model_bytes, module):
+    for seed in (1, 2):
+        inputs = _module_inputs(1, 5, seed=seed)
+        with torch.no_grad():
+            expected = module(*inputs)
+        got = _run_bytes(model_bytes, inputs)
+        assert got.shape == expected.shape
+        assert (got - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max().item())
+
+
+def test_plain_dynamo_export_uses_the_registered_translation():
+    """What a user hit: `No ONNX function found for deformable_detr.ms_deform_attn` without a translation table."""
+    module = _module()
+    program = torch.onnx.export(module, _module_inputs(1, 5))
+    assert "GridSample" in {n.op_type for n in program.model_proto.graph.node}
+    _assert_matches_module(program.model_proto.SerializeToString(), module)
+
+
+def test_plain_torchscript_export_works():
+    """dynamo=False failed with a misleading level_start_index error; the TorchScript symbolic now decomposes."""
+    module = _module()
+    f = io.BytesIO()
+    torch.onnx.export(module, _module_inputs(1, 5), f, dynamo=False)
+    _assert_matches_module(f.getvalue(), module)
+
+
+def test_import_registers_without_importing_onnxscript():
+    """onnxscript takes seconds to import: `import deformable_detr` leaves it alone, and the translation is in its
+    registry as soon as anything imports it."""
+    code = (
+        "import sys, deformable_detr\n"
+        "assert 'onnxscript' not in sys.modules, 'import deformable_detr imported onnxscript'\n"
+        "from onnxscript.function_libs.torch_lib.registration import default_registry\n"
+        "assert 'deformable_detr::ms_deform_attn' in default_registry\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_decomposed_graph_matches_op_in_onnxruntime():

@@ -9,9 +9,16 @@ Layouts (all tensors contiguous, row-major):
     value            (N, S, M, D)      index ((n * S + s) * M + m) * D + d
     spatial_shapes   (L, 2) int64      (H_l, W_l)
     level_start      (L,) int64
-    locations        (N, Q, M, L, P, 2)
-    weights          (N, Q, M, L, P)
+    point_start      (L + 1,) int64    [0, P_0, P_0 + P_1, ..., K] (RAGGED only)
+    locations        (N, Q, M, K, 2)   K = L * P points, level-major; the 6-D (N, Q, M, L, P, 2) is this with
+    weights          (N, Q, M, K)      P_l = P, so both layouts share one flat (n, q, m, k) sample index
     out / grad_out   (N, Q, M * D)     index ((n * Q + q) * M + m) * D + d
+
+Two compile-time switches select the variant (each its own compiled kernel, so the uniform bilinear kernel is
+the same code as without them): RAGGED reads the points of level l as [point_start[l], point_start[l + 1]) (the
+level table's way: one scalar load per level) instead of [l * P, (l + 1) * P); DISCRETE samples the nearest pixel
+ix = clamp(floor(x * W + 0.5), 0, W - 1) (same for y; border-clamped, so +-inf reads the border pixel) with one
+gather per sample, and gives locations no gradient (0; NaN for a NaN location, the NaN rule).
 
 Bad data never leads to a stray access: a level whose map would leave [0, S) reads as empty (_read_level, the CUDA
 kernels' rule). Non-finite rule (README "Backends", csrc/ms_deform_attn/ms_deform_attn_math.h): a sample whose x or y is
@@ -20,7 +27,9 @@ grad_value; +-inf locations are outside the map; a NaN attention weight propagat
 weights of a sample off the map are finite and its corner values 0, so NaN * 0 poisons the head there too).
 
 The grid is one flat axis (N * M * Q-blocks * D-blocks) so that no dimension runs into CUDA's 65535 limit on
-grid axes 1 and 2; offsets are int64 because N * S * M * D exceeds 2^31 for large batches.
+grid axes 1 and 2; offsets are int64 because N * S * M * D exceeds 2^31 for large batches. A point table whose
+ranges leave [0, K) is clamped into it (points outside read nothing), so a corrupt table cannot cause a stray access
+either.
 """
 
 from __future__ import annotations
@@ -73,9 +82,40 @@ def _read_level(shapes_ptr, level_start_ptr, level, S):
 
 
 @triton.jit
+def _point_range(point_start_ptr, level, P, K, RAGGED: tl.constexpr):
+    """[begin, end) of the level's points in the flat K axis of one (n, q, m) row."""
+    if RAGGED:
+        begin = tl.minimum(tl.maximum(tl.load(point_start_ptr + level), 0), K)
+        end = tl.minimum(tl.maximum(tl.load(point_start_ptr + level + 1), begin), K)
+    else:
+        begin = level * P
+        end = begin + P
+    return begin, end
+
+
+@triton.jit
+def _load_discrete_sample(loc_ptr, attn_ptr, sample, q_mask, H, W, level_ok, ACC: tl.constexpr):
+    """Attention weight, pixel index and validity of one discrete sample for a block of queries: the nearest pixel
+    clamp(floor(x * W + 0.5), 0, W - 1), clamp(floor(y * H + 0.5), 0, H - 1) (RT-DETRv2's rule, round half up).
+    ``is_nan``: x or y is NaN (the NaN rule; such a sample reads nothing)."""
+    loc_x = tl.load(loc_ptr + 2 * sample, mask=q_mask, other=0.0).to(ACC)
+    loc_y = tl.load(loc_ptr + 2 * sample + 1, mask=q_mask, other=0.0).to(ACC)
+    a = tl.load(attn_ptr + sample, mask=q_mask, other=0.0).to(ACC)
+    is_nan = q_mask & ((loc_x != loc_x) | (loc_y != loc_y))
+    # Clamped in floating point before the int64 cast: +-inf and huge values land on the border pixel.
+    Wf = W.to(ACC)
+    Hf = H.to(ACC)
+    ix = tl.minimum(tl.maximum(tl.floor(loc_x * Wf + 0.5), 0.0), Wf - 1.0)
+    iy = tl.minimum(tl.maximum(tl.floor(loc_y * Hf + 0.5), 0.0), Hf - 1.0)
+    ok = q_mask & level_ok & ~is_nan
+    index = tl.where(ok, iy, 0.0).to(tl.int64) * W + tl.where(ok, ix, 0.0).to(tl.int64)
+    return a, index, ok, is_nan
+
+
+@triton.jit
 def _load_sample(loc_ptr, attn_ptr, sample, q_mask, H, W, level_ok, ACC: tl.constexpr):
     """Attention weight, bilinear fractions, corner indices and corner validity of one (level, point) sample
-    for a block of queries; ``sample`` is the flat (n, q, m, l, p) index. ``is_nan``: the sample's x or y is NaN
+    for a block of queries; ``sample`` is the flat (n, q, m, k) index. ``is_nan``: the sample's x or y is NaN
     (its head's output and its location / weight gradients are NaN; it reads nothing)."""
     loc_x = tl.load(loc_ptr + 2 * sample, mask=q_mask, other=0.0).to(ACC)
     loc_y = tl.load(loc_ptr + 2 * sample + 1, mask=q_mask, other=0.0).to(ACC)
@@ -100,6 +140,7 @@ def _msda_forward_kernel(
     value_ptr,
     shapes_ptr,
     level_start_ptr,
+    point_start_ptr,  # read only when RAGGED
     loc_ptr,
     attn_ptr,
     out_ptr,
@@ -108,11 +149,14 @@ def _msda_forward_kernel(
     M,
     D,
     L,
-    P,
+    P,  # points per level when not RAGGED
+    K,  # points per (n, q, m) row
     q_bucket,  # autotune key only: coarse size class of Q
     BLOCK_Q: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
+    RAGGED: tl.constexpr,
+    DISCRETE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     num_q_blocks = tl.cdiv(Q, BLOCK_Q)
@@ -130,30 +174,35 @@ def _msda_forward_kernel(
     d_mask = d < D
     row_stride = M * D
     value_nm_ptr = value_ptr + n * S * row_stride + m * D
-    # Flat (n, q, m, l=0, p=0) index into weights; locations use twice that.
-    sample_base = ((n * Q + q) * M + m) * (L * P)
+    # Flat (n, q, m, k=0) index into weights; locations use twice that.
+    sample_base = ((n * Q + q) * M + m) * K
 
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=ACC)
     for level in range(L):
         H, W, start, level_ok = _read_level(shapes_ptr, level_start_ptr, level, S)
         level_ptr = value_nm_ptr + start * row_stride
-        for point in range(P):
-            sample = sample_base + level * P + point
-            a, lh, lw, top, bottom, ok00, ok01, ok10, ok11, is_nan = _load_sample(
-                loc_ptr, attn_ptr, sample, q_mask, H, W, level_ok, ACC
-            )
-            hh = 1.0 - lh
-            hw = 1.0 - lw
-            v00 = _gather(level_ptr, top, ok00, d, d_mask, row_stride, ACC)
-            v01 = _gather(level_ptr, top + 1, ok01, d, d_mask, row_stride, ACC)
-            v10 = _gather(level_ptr, bottom, ok10, d, d_mask, row_stride, ACC)
-            v11 = _gather(level_ptr, bottom + 1, ok11, d, d_mask, row_stride, ACC)
-            acc += (
-                (a * hh * hw)[:, None] * v00
-                + (a * hh * lw)[:, None] * v01
-                + (a * lh * hw)[:, None] * v10
-                + (a * lh * lw)[:, None] * v11
-            )
+        begin, end = _point_range(point_start_ptr, level, P, K, RAGGED)
+        for point in range(begin, end):
+            sample = sample_base + point
+            if DISCRETE:
+                a, index, ok, is_nan = _load_discrete_sample(loc_ptr, attn_ptr, sample, q_mask, H, W, level_ok, ACC)
+                acc += a[:, None] * _gather(level_ptr, index, ok, d, d_mask, row_stride, ACC)
+            else:
+                a, lh, lw, top, bottom, ok00, ok01, ok10, ok11, is_nan = _load_sample(
+                    loc_ptr, attn_ptr, sample, q_mask, H, W, level_ok, ACC
+                )
+                hh = 1.0 - lh
+                hw = 1.0 - lw
+                v00 = _gather(level_ptr, top, ok00, d, d_mask, row_stride, ACC)
+                v01 = _gather(level_ptr, top + 1, ok01, d, d_mask, row_stride, ACC)
+                v10 = _gather(level_ptr, bottom, ok10, d, d_mask, row_stride, ACC)
+                v11 = _gather(level_ptr, bottom + 1, ok11, d, d_mask, row_stride, ACC)
+                acc += (
+                    (a * hh * hw)[:, None] * v00
+                    + (a * hh * lw)[:, None] * v01
+                    + (a * lh * hw)[:, None] * v10
+                    + (a * lh * lw)[:, None] * v11
+                )
             acc = tl.where(is_nan[:, None], float("nan"), acc)
 
     out_ptrs = out_ptr + ((n * Q + q) * M + m)[:, None] * D + d[None, :]
@@ -172,6 +221,7 @@ def _msda_backward_kernel(
     value_ptr,
     shapes_ptr,
     level_start_ptr,
+    point_start_ptr,  # read only when RAGGED
     loc_ptr,
     attn_ptr,
     grad_value_ptr,  # zero-initialised, ACC dtype, same layout as value
@@ -182,11 +232,14 @@ def _msda_backward_kernel(
     M,
     D,
     L,
-    P,
+    P,  # points per level when not RAGGED
+    K,  # points per (n, q, m) row
     q_bucket,  # autotune key only: coarse size class of Q
     BLOCK_Q: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
+    RAGGED: tl.constexpr,
+    DISCRETE: tl.constexpr,
 ):
     # Every (query, head, level, point) belongs to exactly one program, which reduces over all D channels in
     # registers (looping over D in BLOCK_D chunks), so grad locations / weights are plain stores. Only
@@ -205,51 +258,159 @@ def _msda_backward_kernel(
     value_nm_ptr = value_ptr + nm_offset
     grad_value_nm_ptr = grad_value_ptr + nm_offset
     grad_out_rows = ((n * Q + q) * M + m) * D
-    sample_base = ((n * Q + q) * M + m) * (L * P)
+    sample_base = ((n * Q + q) * M + m) * K
 
     for level in range(L):
         H, W, start, level_ok = _read_level(shapes_ptr, level_start_ptr, level, S)
         level_offset = start * row_stride
         level_ptr = value_nm_ptr + level_offset
         grad_level_ptr = grad_value_nm_ptr + level_offset
-        for point in range(P):
-            sample = sample_base + level * P + point
-            a, lh, lw, top, bottom, ok00, ok01, ok10, ok11, is_nan = _load_sample(
-                loc_ptr, attn_ptr, sample, q_mask, H, W, level_ok, ACC
-            )
-            hh = 1.0 - lh
-            hw = 1.0 - lw
-            # s_k = sum_d grad_out * v_k: every gradient of this sample except grad_value is a combination of
-            # these four dot products.
-            s00 = tl.zeros([BLOCK_Q], dtype=ACC)
-            s01 = tl.zeros([BLOCK_Q], dtype=ACC)
-            s10 = tl.zeros([BLOCK_Q], dtype=ACC)
-            s11 = tl.zeros([BLOCK_Q], dtype=ACC)
-            for d_start in range(0, D, BLOCK_D):
-                d = d_start + tl.arange(0, BLOCK_D)
-                d_mask = d < D
-                go = tl.load(
-                    grad_out_ptr + grad_out_rows[:, None] + d[None, :],
-                    mask=q_mask[:, None] & d_mask[None, :],
-                    other=0.0,
-                ).to(ACC)
-                s00 += tl.sum(go * _gather(level_ptr, top, ok00, d, d_mask, row_stride, ACC), axis=1)
-                s01 += tl.sum(go * _gather(level_ptr, top + 1, ok01, d, d_mask, row_stride, ACC), axis=1)
-                s10 += tl.sum(go * _gather(level_ptr, bottom, ok10, d, d_mask, row_stride, ACC), axis=1)
-                s11 += tl.sum(go * _gather(level_ptr, bottom + 1, ok11, d, d_mask, row_stride, ACC), axis=1)
-                a_go = a[:, None] * go
-                _scatter(grad_level_ptr, top, ok00, d, d_mask, row_stride, (hh * hw)[:, None] * a_go)
-                _scatter(grad_level_ptr, top + 1, ok01, d, d_mask, row_stride, (hh * lw)[:, None] * a_go)
-                _scatter(grad_level_ptr, bottom, ok10, d, d_mask, row_stride, (lh * hw)[:, None] * a_go)
-                _scatter(grad_level_ptr, bottom + 1, ok11, d, d_mask, row_stride, (lh * lw)[:, None] * a_go)
-            # Invalid corners have s_k = 0 (masked loads), which is exactly the zero-padding gradient.
-            grad_a = hh * hw * s00 + hh * lw * s01 + lh * hw * s10 + lh * lw * s11
-            grad_w_im = a * (hh * (s01 - s00) + lh * (s11 - s10))
-            grad_h_im = a * (hw * (s10 - s00) + lw * (s11 - s01))
-            grad_x = tl.where(is_nan, float("nan"), grad_w_im * W.to(ACC))
-            grad_y = tl.where(is_nan, float("nan"), grad_h_im * H.to(ACC))
-            grad_a = tl.where(is_nan, float("nan"), grad_a)
-            loc_ty = grad_loc_ptr.dtype.element_ty
-            tl.store(grad_loc_ptr + 2 * sample, grad_x.to(loc_ty), mask=q_mask)
-            tl.store(grad_loc_ptr + 2 * sample + 1, grad_y.to(loc_ty), mask=q_mask)
-            tl.store(grad_attn_ptr + sample, grad_a.to(grad_attn_ptr.dtype.element_ty), mask=q_mask)
+        begin, end = _point_range(point_start_ptr, level, P, K, RAGGED)
+        for point in range(begin, end):
+            sample = sample_base + point
+            if DISCRETE:
+                _discrete_backward(
+                    grad_out_ptr,
+                    grad_out_rows,
+                    level_ptr,
+                    grad_level_ptr,
+                    loc_ptr,
+                    attn_ptr,
+                    grad_loc_ptr,
+                    grad_attn_ptr,
+                    sample,
+                    q_mask,
+                    H,
+                    W,
+                    level_ok,
+                    D,
+                    row_stride,
+                    BLOCK_Q,
+                    BLOCK_D,
+                    ACC,
+                )
+            else:
+                _bilinear_backward(
+                    grad_out_ptr,
+                    grad_out_rows,
+                    level_ptr,
+                    grad_level_ptr,
+                    loc_ptr,
+                    attn_ptr,
+                    grad_loc_ptr,
+                    grad_attn_ptr,
+                    sample,
+                    q_mask,
+                    H,
+                    W,
+                    level_ok,
+                    D,
+                    row_stride,
+                    BLOCK_Q,
+                    BLOCK_D,
+                    ACC,
+                )
+
+
+@triton.jit
+def _bilinear_backward(
+    grad_out_ptr,
+    grad_out_rows,
+    level_ptr,
+    grad_level_ptr,
+    loc_ptr,
+    attn_ptr,
+    grad_loc_ptr,
+    grad_attn_ptr,
+    sample,
+    q_mask,
+    H,
+    W,
+    level_ok,
+    D,
+    row_stride,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    a, lh, lw, top, bottom, ok00, ok01, ok10, ok11, is_nan = _load_sample(
+        loc_ptr, attn_ptr, sample, q_mask, H, W, level_ok, ACC
+    )
+    hh = 1.0 - lh
+    hw = 1.0 - lw
+    # s_k = sum_d grad_out * v_k: every gradient of this sample except grad_value is a combination of
+    # these four dot products.
+    s00 = tl.zeros([BLOCK_Q], dtype=ACC)
+    s01 = tl.zeros([BLOCK_Q], dtype=ACC)
+    s10 = tl.zeros([BLOCK_Q], dtype=ACC)
+    s11 = tl.zeros([BLOCK_Q], dtype=ACC)
+    for d_start in range(0, D, BLOCK_D):
+        d = d_start + tl.arange(0, BLOCK_D)
+        d_mask = d < D
+        go = tl.load(
+            grad_out_ptr + grad_out_rows[:, None] + d[None, :],
+            mask=q_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        ).to(ACC)
+        s00 += tl.sum(go * _gather(level_ptr, top, ok00, d, d_mask, row_stride, ACC), axis=1)
+        s01 += tl.sum(go * _gather(level_ptr, top + 1, ok01, d, d_mask, row_stride, ACC), axis=1)
+        s10 += tl.sum(go * _gather(level_ptr, bottom, ok10, d, d_mask, row_stride, ACC), axis=1)
+        s11 += tl.sum(go * _gather(level_ptr, bottom + 1, ok11, d, d_mask, row_stride, ACC), axis=1)
+        a_go = a[:, None] * go
+        _scatter(grad_level_ptr, top, ok00, d, d_mask, row_stride, (hh * hw)[:, None] * a_go)
+        _scatter(grad_level_ptr, top + 1, ok01, d, d_mask, row_stride, (hh * lw)[:, None] * a_go)
+        _scatter(grad_level_ptr, bottom, ok10, d, d_mask, row_stride, (lh * hw)[:, None] * a_go)
+        _scatter(grad_level_ptr, bottom + 1, ok11, d, d_mask, row_stride, (lh * lw)[:, None] * a_go)
+    # Invalid corners have s_k = 0 (masked loads), which is exactly the zero-padding gradient.
+    grad_a = hh * hw * s00 + hh * lw * s01 + lh * hw * s10 + lh * lw * s11
+    grad_w_im = a * (hh * (s01 - s00) + lh * (s11 - s10))
+    grad_h_im = a * (hw * (s10 - s00) + lw * (s11 - s01))
+    grad_x = tl.where(is_nan, float("nan"), grad_w_im * W.to(ACC))
+    grad_y = tl.where(is_nan, float("nan"), grad_h_im * H.to(ACC))
+    grad_a = tl.where(is_nan, float("nan"), grad_a)
+    loc_ty = grad_loc_ptr.dtype.element_ty
+    tl.store(grad_loc_ptr + 2 * sample, grad_x.to(loc_ty), mask=q_mask)
+    tl.store(grad_loc_ptr + 2 * sample + 1, grad_y.to(loc_ty), mask=q_mask)
+    tl.store(grad_attn_ptr + sample, grad_a.to(grad_attn_ptr.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _discrete_backward(
+    grad_out_ptr,
+    grad_out_rows,
+    level_ptr,
+    grad_level_ptr,
+    loc_ptr,
+    attn_ptr,
+    grad_loc_ptr,
+    grad_attn_ptr,
+    sample,
+    q_mask,
+    H,
+    W,
+    level_ok,
+    D,
+    row_stride,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    a, index, ok, is_nan = _load_discrete_sample(loc_ptr, attn_ptr, sample, q_mask, H, W, level_ok, ACC)
+    # grad weight = <grad_out, v[pixel]>; grad_value[pixel] += a * grad_out; the location gets none.
+    dot = tl.zeros([BLOCK_Q], dtype=ACC)
+    for d_start in range(0, D, BLOCK_D):
+        d = d_start + tl.arange(0, BLOCK_D)
+        d_mask = d < D
+        go = tl.load(
+            grad_out_ptr + grad_out_rows[:, None] + d[None, :],
+            mask=q_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        ).to(ACC)
+        dot += tl.sum(go * _gather(level_ptr, index, ok, d, d_mask, row_stride, ACC), axis=1)
+        _scatter(grad_level_ptr, index, ok, d, d_mask, row_stride, a[:, None] * go)
+    grad_xy = tl.where(is_nan, float("nan"), tl.zeros([BLOCK_Q], dtype=ACC))
+    grad_a = tl.where(is_nan, float("nan"), dot)
+    loc_ty = grad_loc_ptr.dtype.element_ty
+    tl.store(grad_loc_ptr + 2 * sample, grad_xy.to(loc_ty), mask=q_mask)
+    tl.store(grad_loc_ptr + 2 * sample + 1, grad_xy.to(loc_ty), mask=q_mask)
+    tl.store(grad_attn_ptr + sample, grad_a.to(grad_attn_ptr.dtype.element_ty), mask=q_mask)

@@ -40,7 +40,7 @@ def _configs(pairs):
     return [triton.Config({"BLOCK_Q": block_q}, num_warps=warps) for block_q, warps in pairs]
 
 
-_AUTOTUNE_KEY = ["D", "L", "P", "q_bucket"]
+_AUTOTUNE_KEY = ["D", "L", "P", "K", "q_bucket", "RAGGED", "DISCRETE"]
 _forward_autotuned = triton.autotune(
     configs=_configs([(8, 2), (16, 2), (16, 4), (32, 4), (64, 4), (64, 8)]),
     key=_AUTOTUNE_KEY,
@@ -62,15 +62,25 @@ def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def _shapes(value: torch.Tensor, sampling_locations: torch.Tensor):
+def _sizes(value, spatial_shapes, sampling_locations, point_start, discrete):
+    """Kernel size arguments (without the tile sizes): Q, S, M, D, L, P (points per level of the 6-D layout, 0
+    for the ragged one), K (points per (n, q, m) row) and the two variant switches."""
     N, S, M, D = value.shape
-    Q, L, P = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
-    return N, S, M, D, Q, L, P
+    Q = sampling_locations.shape[1]
+    if point_start is None:
+        L, P = sampling_locations.shape[3], sampling_locations.shape[4]
+        K = L * P
+    else:
+        L, P, K = spatial_shapes.shape[0], 0, sampling_locations.shape[3]
+    sizes = dict(Q=Q, S=S, M=M, D=D, L=L, P=P, K=K, q_bucket=_q_bucket(Q), ACC=_acc_dtype(value))
+    sizes.update(RAGGED=point_start is not None, DISCRETE=bool(discrete))
+    return sizes
 
 
-def _is_empty(N, S, M, D, Q, L, P) -> bool:
-    # S == 0 or L * P == 0: every sample reads nothing, so the output and all gradients are zero.
-    return N * M * D * Q * S * L * P == 0
+def _is_empty(N, sizes) -> bool:
+    # No output element, or no sample: the output and all gradients are zero. S == 0 is not empty: every level is
+    # then empty, yet a NaN location must still poison its head (the NaN rule), so the kernels run.
+    return N * sizes["Q"] * sizes["M"] * sizes["D"] * sizes["K"] == 0
 
 
 @triton_op(_FORWARD_OP, mutates_args=())
@@ -80,20 +90,27 @@ def _ms_deform_attn_triton_op(
     level_start_index: torch.Tensor,
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
+    point_start: torch.Tensor | None = None,
+    discrete: bool = False,
 ) -> torch.Tensor:
-    N, S, M, D, Q, L, P = _shapes(value, sampling_locations)
-    if _is_empty(N, S, M, D, Q, L, P):
+    N, _, M, D = value.shape
+    sizes = _sizes(value, spatial_shapes, sampling_locations, point_start, discrete)
+    Q = sizes["Q"]
+    if _is_empty(N, sizes):
         return value.new_zeros((N, Q, M * D))
-    value = value.contiguous()
-    spatial_shapes = spatial_shapes.contiguous()
-    level_start_index = level_start_index.contiguous()
-    sampling_locations = sampling_locations.contiguous()
-    attention_weights = attention_weights.contiguous()
     out = value.new_empty((N, Q, M * D))
     block_d = min(triton.next_power_of_2(D), _MAX_FORWARD_BLOCK_D)
     num_d_blocks = triton.cdiv(D, block_d)
-    args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights, out)
-    sizes = dict(Q=Q, S=S, M=M, D=D, L=L, P=P, q_bucket=_q_bucket(Q), BLOCK_D=block_d, ACC=_acc_dtype(value))
+    args = (
+        value.contiguous(),
+        spatial_shapes.contiguous(),
+        level_start_index.contiguous(),
+        _point_table(point_start, level_start_index),
+        sampling_locations.contiguous(),
+        attention_weights.contiguous(),
+        out,
+    )
+    sizes["BLOCK_D"] = block_d
     with _device_guard(value):
         if value.device.type == "cuda":
             grid = lambda meta: (N * M * num_d_blocks * triton.cdiv(Q, meta["BLOCK_Q"]),)  # noqa: E731
@@ -114,27 +131,31 @@ def _ms_deform_attn_triton_backward_op(
     level_start_index: torch.Tensor,
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
+    point_start: torch.Tensor | None = None,
+    discrete: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    N, S, M, D, Q, L, P = _shapes(value, sampling_locations)
+    N, _, M, D = value.shape
+    sizes = _sizes(value, spatial_shapes, sampling_locations, point_start, discrete)
+    Q = sizes["Q"]
     grad_locations = torch.zeros(sampling_locations.shape, dtype=sampling_locations.dtype, device=value.device)
     grad_weights = torch.zeros(attention_weights.shape, dtype=attention_weights.dtype, device=value.device)
     # Atomics accumulate in float32 (float64 for float64): half-precision atomics would round every add.
     acc_torch_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
     grad_value_acc = torch.zeros(value.shape, dtype=acc_torch_dtype, device=value.device)
-    if not _is_empty(N, S, M, D, Q, L, P):
+    if not _is_empty(N, sizes):
         args = (
             grad_output.contiguous(),
             value.contiguous(),
             spatial_shapes.contiguous(),
             level_start_index.contiguous(),
+            _point_table(point_start, level_start_index),
             sampling_locations.contiguous(),
             attention_weights.contiguous(),
             grad_value_acc,
             grad_locations,
             grad_weights,
         )
-        block_d = min(triton.next_power_of_2(D), _MAX_BACKWARD_BLOCK_D)
-        sizes = dict(Q=Q, S=S, M=M, D=D, L=L, P=P, q_bucket=_q_bucket(Q), BLOCK_D=block_d, ACC=_acc_dtype(value))
+        sizes["BLOCK_D"] = min(triton.next_power_of_2(D), _MAX_BACKWARD_BLOCK_D)
         with _device_guard(value):
             if value.device.type == "cuda":
                 grid = lambda meta: (N * M * triton.cdiv(Q, meta["BLOCK_Q"]),)  # noqa: E731
@@ -147,8 +168,15 @@ def _ms_deform_attn_triton_backward_op(
     return grad_value_acc.to(value.dtype), grad_locations, grad_weights
 
 
+def _point_table(point_start, level_start_index):
+    # The uniform kernels never read the point table; any int64 tensor stands in for the pointer.
+    return level_start_index.contiguous() if point_start is None else point_start.contiguous()
+
+
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    *tensors, point_start, discrete = inputs
+    ctx.save_for_backward(*tensors, point_start)
+    ctx.discrete = discrete
 
 
 def _alert_not_deterministic() -> None:
@@ -165,13 +193,20 @@ def _alert_not_deterministic() -> None:
 
 
 def _backward(ctx, grad_output):
-    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, point_start = ctx.saved_tensors
     if value.is_cuda and torch.are_deterministic_algorithms_enabled():
         _alert_not_deterministic()
     grad_value, grad_locations, grad_weights = torch.ops.deformable_detr.ms_deform_attn_triton_backward(
-        grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        grad_output,
+        value,
+        spatial_shapes,
+        level_start_index,
+        sampling_locations,
+        attention_weights,
+        point_start,
+        ctx.discrete,
     )
-    return grad_value, None, None, grad_locations, grad_weights
+    return grad_value, None, None, grad_locations, grad_weights, None, None
 
 
 _ms_deform_attn_triton_op.register_autograd(_backward, setup_context=_setup_context)
@@ -183,21 +218,34 @@ def ms_deform_attn_triton(
     level_start_index: torch.Tensor,
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
+    point_start: torch.Tensor | None = None,
+    discrete: bool = False,
 ) -> torch.Tensor:
     """Triton MSDA (README, "Operator contract") on already-validated inputs; differentiable and torch.compile-able.
 
-    ``spatial_shapes`` / ``level_start_index`` must be int64 on ``value``'s device. Returns (N, Q, M * D) in
-    ``value``'s dtype; accumulation is float32 (float64 for float64 values).
+    ``spatial_shapes`` / ``level_start_index`` must be int64 on ``value``'s device. Without ``point_start`` the
+    6-D layout (locations (N, Q, M, L, P, 2), weights (N, Q, M, L, P)); with it, points per level: locations
+    (N, Q, M, K, 2), weights (N, Q, M, K), ``point_start`` the (L + 1,) int64 table [0, P_0, P_0 + P_1, ..., K]
+    on ``value``'s device. ``discrete``: nearest-pixel sampling (no location gradient) instead of bilinear.
+    Returns (N, Q, M * D) in ``value``'s dtype; accumulation is float32 (float64 for float64 values).
     """
     if value.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(
             f"ms_deform_attn_triton: value must be float32, float64, float16 or bfloat16, got {value.dtype}"
         )
-    for name, t in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
+    tables = [("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)]
+    if point_start is not None:
+        tables.append(("point_start", point_start))
+        L = spatial_shapes.shape[0]
+        if point_start.shape != (L + 1,):
+            raise ValueError(
+                f"ms_deform_attn_triton: point_start must have shape (L + 1,) = ({L + 1},), got {tuple(point_start.shape)}"
+            )
+    for name, t in tables:
         if t.device != value.device:
             raise ValueError(f"ms_deform_attn_triton: {name} is on {t.device}, value on {value.device}")
         if t.dtype != torch.int64:
             raise TypeError(f"ms_deform_attn_triton: {name} must be int64, got {t.dtype}")
     return torch.ops.deformable_detr.ms_deform_attn_triton(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, point_start, bool(discrete)
     )
