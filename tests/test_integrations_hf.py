@@ -228,7 +228,7 @@ def _op_spy():
         op_module.ms_deform_attn, torch.nn.functional.grid_sample = original_op, original_grid_sample
 
 
-def _msda_module_calls(model) -> list:
+def _msda_module_calls(model) -> tuple[list, list]:
     calls = []
     handles = [
         m.register_forward_hook(lambda *_: calls.append(1))
@@ -344,7 +344,16 @@ def test_missing_family_is_skipped(monkeypatch, restore_patch):
     assert len(patch_transformers()) == 11
 
 
-@pytest.mark.parametrize("family", ["rt_detr_v2", "d_fine", "d_fine-discrete", "mask2former", "oneformer", "deta"])
+def _compiled_op_available() -> bool:
+    from deformable_detr.ops.ms_deform_attn import available_backends
+
+    return "cpu" in available_backends("cpu")
+
+
+# OneFormer and DETA are left out: their own get_reference_points loops over a level-size tensor, which torch.export
+# cannot trace (GuardOnDataDependentSymNode in transformers' code, patched or not).
+@pytest.mark.skipif(not _compiled_op_available(), reason="export traces the compiled op (deformable_detr._C not built)")
+@pytest.mark.parametrize("family", ["rt_detr_v2", "rt_detr_v2-discrete", "d_fine", "d_fine-discrete", "mask2former"])
 def test_torch_export_of_the_patched_model(family, restore_patch):
     model, inputs = _build(family, torch.float32)
     patch_transformers()
