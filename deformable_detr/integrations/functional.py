@@ -16,7 +16,6 @@ op on every layer and every call, and the per-table cache hits.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 
 import torch
@@ -27,8 +26,11 @@ _SAMPLING = {"default": "bilinear", "discrete": "discrete"}
 
 
 def _op():
-    # Looked up on every call (not bound at import), so a wrapper installed on the module sees every call.
-    return importlib.import_module("deformable_detr.ops.ms_deform_attn").ms_deform_attn
+    # Looked up on every call (not bound at import), so a wrapper installed on the module sees every call; an import
+    # statement (not importlib) so that torch.compile traces through it.
+    from deformable_detr.ops.ms_deform_attn import ms_deform_attn
+
+    return ms_deform_attn
 
 
 def _host_rows(value_spatial_shapes) -> tuple[tuple[int, int], ...] | None:
