@@ -154,12 +154,9 @@ def op_rows(*, reps: int, budget_s: float) -> list[dict]:
 
 
 def _row(name: str, variant: str, pass_name: str, shape: str, res: dict) -> dict:
-    row = {"suite": SUITE, "name": name, "backend": variant, "pass": pass_name, "shape": shape, "dtype": "fp32"}
-    if "error" in res:
-        row["status"] = f"failed: {res['error']}"
-    else:
-        row.update(res, status="ok")
-    return row
+    return common.result_row({"suite": SUITE, "name": name, "shape": shape, "dtype": "fp32"}, variant, pass_name, res)[
+        0
+    ]
 
 
 def run(
