@@ -270,3 +270,59 @@ def test_point_table_checked_once_per_tensor_and_rechecked_after_an_edit():
     table[1] = 7  # in-place edit: version bump, checked again
     with pytest.raises(ValueError, match="sum to K = 12"):
         dd.ms_deform_attn(value, ss, lsi, loc, attn, points_per_level=table)
+
+
+@pytest.mark.skipif(not COMPILED, reason="compiled extension not built")
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_opcheck(sampling):
+    N, shapes, M, D, Q, counts = CASES["zero_points"]
+    value, ss, lsi, loc, attn = make_points_inputs(N, shapes, M, D, Q, counts, seed=5)
+    point_start = torch.tensor([0, 2, 2, 5])
+    discrete = sampling == "discrete"
+    inputs = [t.requires_grad_(True) for t in (value, loc, attn)]
+    op = torch.ops.deformable_detr
+    torch.library.opcheck(op.ms_deform_attn.default, (inputs[0], ss, lsi, inputs[1], inputs[2], point_start, discrete))
+    grad_out = torch.randn(N, Q, M * D)
+    args = (grad_out, value.detach(), ss, lsi, loc.detach(), attn.detach(), point_start, discrete)
+    torch.library.opcheck(op.ms_deform_attn_backward.default, args)
+    # The uniform 6-D layout with discrete sampling.
+    value, ss, lsi, loc, attn = make_inputs(1, [(3, 3), (2, 1)], 2, 4, 3, 2, seed=6)
+    torch.library.opcheck(op.ms_deform_attn.default, (value, ss, lsi, loc, attn, None, discrete))
+
+
+@pytest.mark.skipif(not COMPILED, reason="compiled extension not built")
+def test_raw_op_rejects_bad_point_start():
+    N, shapes, M, D, Q, counts = CASES["dfine"]
+    value, ss, lsi, loc, attn = make_points_inputs(N, shapes, M, D, Q, counts)
+    op = torch.ops.deformable_detr.ms_deform_attn
+    with pytest.raises(ValueError, match="point_start must have shape"):
+        op(value, ss, lsi, loc, attn, torch.tensor([0, 3, 12]))
+    with pytest.raises(TypeError, match="point_start must be int64"):
+        op(value, ss, lsi, loc, attn, torch.tensor([0, 3, 9, 12], dtype=torch.int32))
+    with pytest.raises(ValueError, match="point_start must be non-decreasing"):
+        op(value, ss, lsi, loc, attn, torch.tensor([0, 9, 3, 12]))
+    with pytest.raises(ValueError, match=r"point_start\[L\] must equal K"):
+        op(value, ss, lsi, loc, attn, torch.tensor([0, 3, 9, 11]))
+    with pytest.raises(ValueError, match=r"with point_start, sampling_locations must have shape \(N, Q, M, K, 2\)"):
+        op(value, ss, lsi, loc.unsqueeze(3), attn, torch.tensor([0, 3, 9, 12]))
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_torch_compile_fullgraph(backend, sampling):
+    torch._dynamo.reset()
+    N, shapes, M, D, Q, counts = CASES["dfine"]
+    value, ss, lsi, loc, attn = make_points_inputs(N, shapes, M, D, Q, counts, seed=9)
+
+    def fn(v, l, a):
+        return dd.ms_deform_attn(v, ss, lsi, l, a, backend=backend, points_per_level=counts, sampling=sampling) * 2
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    v1, l1, a1 = (t.clone().requires_grad_(True) for t in (value, loc, attn))
+    v2, l2, a2 = (t.clone().requires_grad_(True) for t in (value, loc, attn))
+    out1, out2 = fn(v1, l1, a1), compiled(v2, l2, a2)
+    assert torch.equal(out1, out2)
+    out1.sum().backward()
+    out2.sum().backward()
+    for g1, g2 in ((v1.grad, v2.grad), (l1.grad, l2.grad), (a1.grad, a2.grad)):
+        assert torch.equal(g1, g2)

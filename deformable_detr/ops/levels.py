@@ -194,6 +194,8 @@ class PointTable:
         self.starts: dict = {}
 
     def start_on(self, device: torch.device) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # a graph constant, nothing cached
+            return torch.tensor(self.host_starts, dtype=torch.int64, device=device)
         t = self.starts.get(device)
         if t is None:
             with torch.inference_mode(False):

@@ -331,16 +331,30 @@ def ms_deform_attn(
             point_start=point_start,
             discrete=discrete,
         )
+    if point_start is None and not discrete:
+        return torch.ops.deformable_detr.ms_deform_attn(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
     return torch.ops.deformable_detr.ms_deform_attn(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, point_start, discrete
     )
 
 
 def _handles_points(backend: str) -> bool:
     """Whether ``backend`` runs the points layout and discrete sampling natively (else the reference runs)."""
-    if backend == "triton":
-        return bool(getattr(_triton_module(), "SUPPORTS_POINTS_AND_SAMPLING", False))
-    return False
+    handles = _HANDLES_POINTS.get(backend)
+    if handles is None:
+        if backend == "triton":
+            handles = bool(getattr(_triton_module(), "SUPPORTS_POINTS_AND_SAMPLING", False))
+        else:  # cpu / cuda: the compiled op's schema has the two arguments (an extension built from this tree)
+            handles = extension_loaded() and "point_start" in str(
+                torch.ops.deformable_detr.ms_deform_attn.default._schema
+            )
+        _HANDLES_POINTS[backend] = handles
+    return handles
+
+
+_HANDLES_POINTS: dict[str, bool] = {}
 
 
 def _reference_call(value, spatial_shapes, sampling_locations, attention_weights, point_start, table, discrete):
@@ -377,12 +391,33 @@ def _register() -> None:
         return
 
     @torch.library.register_fake("deformable_detr::ms_deform_attn")
-    def _fake_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    def _fake_forward(
+        value,
+        spatial_shapes,
+        level_start_index,
+        sampling_locations,
+        attention_weights,
+        point_start=None,
+        discrete=False,
+    ):
+        # Shape rules (the C++ checks): locations (N, Q, M, L, P, 2), or (N, Q, M, K, 2) with point_start (L + 1,).
+        torch._check(sampling_locations.dim() == (6 if point_start is None else 5))
+        if point_start is not None:
+            torch._check(point_start.dim() == 1 and point_start.shape[0] == spatial_shapes.shape[0] + 1)
         N, _, M, D = value.shape
         return value.new_empty((N, sampling_locations.shape[1], M * D))
 
     @torch.library.register_fake("deformable_detr::ms_deform_attn_backward")
-    def _fake_backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    def _fake_backward(
+        grad_output,
+        value,
+        spatial_shapes,
+        level_start_index,
+        sampling_locations,
+        attention_weights,
+        point_start=None,
+        discrete=False,
+    ):
         return (
             torch.empty_like(value, memory_format=torch.contiguous_format),
             torch.empty_like(sampling_locations, memory_format=torch.contiguous_format),
@@ -390,14 +425,26 @@ def _register() -> None:
         )
 
     def _setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = inputs[:5]
+        point_start = inputs[5] if len(inputs) > 5 else None
+        ctx.discrete = bool(inputs[6]) if len(inputs) > 6 else False
+        ctx.save_for_backward(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, point_start
+        )
 
     def _backward(ctx, grad_output):
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, point_start = ctx.saved_tensors
         grad_value, grad_locations, grad_weights = torch.ops.deformable_detr.ms_deform_attn_backward(
-            grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+            grad_output.contiguous(),
+            value,
+            spatial_shapes,
+            level_start_index,
+            sampling_locations,
+            attention_weights,
+            point_start,
+            ctx.discrete,
         )
-        return grad_value, None, None, grad_locations, grad_weights
+        return grad_value, None, None, grad_locations, grad_weights, None, None
 
     torch.library.register_autograd("deformable_detr::ms_deform_attn", _backward, setup_context=_setup_context)
 
