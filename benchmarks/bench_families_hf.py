@@ -192,6 +192,7 @@ def markdown(env: dict, rows: list[dict]) -> str:
         "",
         *common.environment_lines(env),
         f"- transformers {env.get('transformers')}; our op's backend: {env.get('msda_backend')}",
+        *([f"- {env['note']}"] if env.get("note") else []),
         "- same model, weights and input for both variants; `max err` = largest |difference| of the main output "
         "(detection logits; pixel decoder's last feature map for Mask2Former / OneFormer) against HF in this run",
         "- wall = median of interleaved rounds; CPU = median process CPU time (all threads; less disturbed by "

@@ -7,7 +7,9 @@ Per family, a tiny random model (no downloads) compared patched vs unpatched on 
   0.5 threshold cannot flip) and the gradients of a loss on it, within round-off;
 - every MSDA module call reaches our op (a counter on ``deformable_detr.ops.ms_deform_attn.ms_deform_attn``) and
   no ``grid_sample`` runs outside it;
-- ``torch.export`` of the patched model holds one op node per MSDA module call and reproduces eager outputs;
+- ``torch.export`` of the patched model (RT-DETRv2, Mask2Former, D-FINE with ragged points and discrete sampling;
+  OneFormer and DETA do not export in transformers itself) holds one op node per MSDA module call and reproduces
+  eager outputs;
 - ``unpatch_transformers()`` restores every attribute, D-FINE models built before / during the patch included.
 """
 
