@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import common
+from benchmarks import report, timing
 from benchmarks.bench_model_hf import _timed, profile_breakdown
 
 SUITE = "families-hf"
@@ -154,15 +154,15 @@ def op_rows(*, reps: int, budget_s: float) -> list[dict]:
 
 
 def _row(name: str, variant: str, pass_name: str, shape: str, res: dict) -> dict:
-    return common.result_row({"suite": SUITE, "name": name, "shape": shape, "dtype": "fp32"}, variant, pass_name, res)[
+    return timing.result_row({"suite": SUITE, "name": name, "shape": shape, "dtype": "fp32"}, variant, pass_name, res)[
         0
     ]
 
 
 def run(
-    *, families=FAMILIES, reps: int = 2, budget_s: float = 300.0, profile: bool = True, op: bool = True, report=None
+    *, families=FAMILIES, reps: int = 2, budget_s: float = 300.0, profile: bool = True, op: bool = True, on_family=None
 ) -> list[dict]:
-    """All rows; ``report(rows)`` (if given) is called after each family, so a long run keeps what it measured."""
+    """All rows; ``on_family(rows)`` (if given) is called after each family, so a long run keeps what it measured."""
     try:
         import transformers  # noqa: F401
     except Exception as exc:
@@ -171,8 +171,8 @@ def run(
     for family in families:
         rows += family_rows(family, reps=reps, budget_s=budget_s, profile=profile)
         _speedups(rows)
-        if report is not None:
-            report(rows)
+        if on_family is not None:
+            on_family(rows)
     _speedups(rows)
     return rows
 
@@ -190,7 +190,7 @@ def markdown(env: dict, rows: list[dict]) -> str:
         f"# HF transformers MSDA families: as shipped vs patch_transformers() — {env.get('device_name')}, "
         f"{str(env.get('date'))[:10]}",
         "",
-        *common.environment_lines(env),
+        *report.environment_lines(env),
         f"- transformers {env.get('transformers')}; our op's backend: {env.get('msda_backend')}",
         *([f"- {env['note']}"] if env.get("note") else []),
         "- same model, weights and input for both variants; `max err` = largest |difference| of the main output "
@@ -218,10 +218,10 @@ def main(argv=None) -> None:
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--no-op", action="store_true", help="no rows of the attention alone")
-    parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
+    parser.add_argument("--out", type=Path, default=report.RESULTS_DIR)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    env = common.environment("cpu")
+    env = report.environment("cpu")
     try:
         import transformers
 
@@ -232,15 +232,15 @@ def main(argv=None) -> None:
 
     env["msda_backend"] = _resolve_backend(None, torch.device("cpu"))
     t0 = time.perf_counter()
-    stem = f"families-hf-{common.device_slug('cpu')}-{_dt.date.today().isoformat()}"
+    stem = f"families-hf-{report.device_slug('cpu')}-{_dt.date.today().isoformat()}"
 
-    def report(rows):
+    def save(rows):
         env["wall_s"] = round(time.perf_counter() - t0, 1)
-        common.write_json_and_markdown(env, rows, markdown(env, rows), args.out, stem)
+        report.write_json_and_markdown(env, rows, markdown(env, rows), args.out, stem)
 
     families = tuple(f for f in args.families.split(",") if f)
-    rows = run(families=families, reps=args.reps, profile=not args.no_profile, op=not args.no_op, report=report)
-    report(rows)
+    rows = run(families=families, reps=args.reps, profile=not args.no_profile, op=not args.no_op, on_family=save)
+    save(rows)
     print(markdown(env, rows))
 
 

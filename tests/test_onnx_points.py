@@ -11,7 +11,7 @@ import io
 
 import pytest
 import torch
-from oracle import make_inputs, make_points_inputs, ms_deform_attn_oracle
+from support.oracle import make_inputs, make_points_inputs, ms_deform_attn_oracle
 
 pytest.importorskip("onnxscript")
 ort = pytest.importorskip("onnxruntime")

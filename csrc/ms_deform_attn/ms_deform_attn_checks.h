@@ -28,7 +28,7 @@ struct PointRange {
 
 // Points of level l. A device table cannot be validated without a sync, so its entries are clamped to [0, K]
 // (and end >= begin): a corrupt table gives missing or repeated points, never a read outside the row.
-MSDA_HOST_DEVICE_INLINE PointRange level_points(const Sizes& s, int64_t l) {
+DDETR_HOST_DEVICE_INLINE PointRange level_points(const Sizes& s, int64_t l) {
   if (s.point_start == nullptr) return {l * s.P, (l + 1) * s.P};
   int64_t begin = s.point_start[l], end = s.point_start[l + 1];
   begin = begin < 0 ? 0 : (begin > s.K ? s.K : begin);
@@ -37,7 +37,7 @@ MSDA_HOST_DEVICE_INLINE PointRange level_points(const Sizes& s, int64_t l) {
 }
 
 // The level of point p of a row (the inverse of level_points; L is small, so a linear scan).
-MSDA_HOST_DEVICE_INLINE int64_t level_of_point(const Sizes& s, int64_t p) {
+DDETR_HOST_DEVICE_INLINE int64_t level_of_point(const Sizes& s, int64_t p) {
   if (s.point_start == nullptr) return s.P > 0 ? p / s.P : 0;
   int64_t l = 0;
   while (l + 1 < s.L && level_points(s, l).end <= p) ++l;

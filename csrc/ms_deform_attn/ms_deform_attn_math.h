@@ -82,9 +82,9 @@ DDETR_HOST_DEVICE_INLINE Corners<acc_t> bilinear_corners(acc_t x, acc_t y, int64
 // +-inf included (the clamp runs in floating point, before the integer conversion, so it is defined); only a
 // NaN location or an empty level gives !any. No location gradient: lh = lw = 0, and the kernels write 0.
 template <typename acc_t>
-MSDA_HOST_DEVICE_INLINE Corners<acc_t> nearest_corner(acc_t x, acc_t y, int64_t H, int64_t W) {
+DDETR_HOST_DEVICE_INLINE Corners<acc_t> nearest_corner(acc_t x, acc_t y, int64_t H, int64_t W) {
   Corners<acc_t> c;
-  MSDA_UNROLL
+  DDETR_UNROLL
   for (int k = 0; k < 4; ++k) {
     c.weight[k] = 0;
     c.offset[k] = 0;
@@ -108,7 +108,7 @@ MSDA_HOST_DEVICE_INLINE Corners<acc_t> nearest_corner(acc_t x, acc_t y, int64_t 
 
 // The corners of one sample in either sampling mode.
 template <typename acc_t>
-MSDA_HOST_DEVICE_INLINE Corners<acc_t> sample_corners(acc_t x, acc_t y, int64_t H, int64_t W, bool discrete) {
+DDETR_HOST_DEVICE_INLINE Corners<acc_t> sample_corners(acc_t x, acc_t y, int64_t H, int64_t W, bool discrete) {
   return discrete ? nearest_corner<acc_t>(x, y, H, W) : bilinear_corners<acc_t>(x, y, H, W);
 }
 

@@ -10,10 +10,10 @@ import functools
 import itertools
 
 import torch
-from support.oracle import ms_deform_attn_oracle
 from test_msda_cuda import REL_TOL, assert_close_to_oracle, forward_backward, max_err, oracle, random_inputs
 
 from deformable_detr.ops.reference import ms_deform_attn_reference
+from support.oracle import ms_deform_attn_oracle
 from support.simt_emulator import run
 
 # (seed, poison): two schedules, two poison bytes.
