@@ -73,10 +73,10 @@ def _presets() -> dict[str, TrainConfig]:
     return {
         "synthetic": demo_preset("deformable_detr"),
         "synthetic --model detr": demo_preset("detr"),
-        "synthetic-crowded": crowd_preset("deformable_detr"),
         "neon-trees": trees_preset("deformable_detr"),
         "COCO": coco_preset("deformable_detr"),
         "COCO --model detr": coco_preset("detr"),
+        "synthetic-crowded": crowd_preset("deformable_detr"),
     }
 
 
@@ -120,6 +120,7 @@ TRAIN_EXAMPLES = """examples:
   python -m deformable_detr train --data synthetic --output-dir runs/demo       # CPU demo, ~2-3 min on 2 cores
   python -m deformable_detr train --data synthetic --output-dir runs/demo --epochs 8 --set hidden_dim=128
   python -m deformable_detr train --resume runs/demo/checkpoint.pth --epochs 8  # train longer
+  python -m deformable_detr train --data synthetic-crowded --output-dir runs/crowd --threads 1  # > 100 objects
   torchrun --nproc-per-node 8 -m deformable_detr train --data /data/coco --output-dir runs/ddetr \\
       --backbone-weights resnet50.pth --amp bf16                                   # the paper's recipe
 """
@@ -182,7 +183,8 @@ def _add_train(sub) -> None:
     req = p.add_argument_group("required (unless --resume)")
     req.add_argument(
         "--data",
-        help="'synthetic' (built in, generated on first use), 'neon-trees' (aerial tree crowns read from the optional "
+        help="'synthetic' (built in, generated on first use), 'synthetic-crowded' (its crowd variant: 101-140 objects "
+        "per image), 'neon-trees' (aerial tree crowns read from the optional "
         "deepforest wheel: pip install --no-deps deepforest==2.1.0) or a COCO-format folder",
     )
     req.add_argument("--output-dir", help="where checkpoint.pth, log.jsonl, eval.json and loss.png go")

@@ -38,7 +38,8 @@ def load_checkpoint_file(path: str | os.PathLike, purpose: str = "checkpoint") -
     """Read a checkpoint written by ``train``, or an official Deformable DETR / DETR checkpoint (original or HF
     layout; returned in the same form, with ``foreign`` set to what it is and no training ``config``). Anything
     else, and a foreign checkpoint for ``purpose="train --resume"``, is a ValueError saying in one line what the
-    file holds."""
+    file holds. ``purpose`` names the command in messages; the plain reader (``"checkpoint"``) returns any dict
+    with a ``model`` entry as it is."""
     path = Path(path)
     if path.is_dir():
         hint = " (it holds a checkpoint.pth: pass that file)" if (path / "checkpoint.pth").is_file() else ""
@@ -57,8 +58,8 @@ def load_checkpoint_file(path: str | os.PathLike, purpose: str = "checkpoint") -
             f"{purpose}: {path} could not be read ({reason}); is it a complete checkpoint.pth written by train "
             "(a copy cut short is the usual cause)?"
         ) from None
-    if isinstance(ckpt, dict) and "model" in ckpt and "model_config" in ckpt:
-        return ckpt
+    if isinstance(ckpt, dict) and "model" in ckpt and ("model_config" in ckpt or purpose == "checkpoint"):
+        return ckpt  # train's (the plain reader, purpose "checkpoint", takes any dict with weights)
     from deformable_detr.models.checkpoint import describe_state, official_model_config
 
     try:
@@ -68,7 +69,7 @@ def load_checkpoint_file(path: str | os.PathLike, purpose: str = "checkpoint") -
     if official is None:
         raise ValueError(
             f"{purpose}: {path} is not a checkpoint written by train, nor an official Deformable DETR / DETR one "
-            f"(found {describe_state(ckpt)})"
+            f"(found {describe_state(ckpt)}; train's have 'model' and 'model_config')"
         )
     model_name, model_config, description = official
     if purpose == "train --resume":
