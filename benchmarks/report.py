@@ -102,6 +102,7 @@ def environment(device: torch.device | str) -> dict:
     except Exception as exc:
         env["extension_loaded"] = False
         env["extension_error"] = str(exc)
+    env["backends"] = backend_line(device)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
@@ -173,6 +174,8 @@ def environment_lines(env: dict) -> list[str]:
         f"- date: {env.get('date')}, commit {str(env.get('git_commit'))[:12]}"
         + (" (dirty)" if env.get("git_dirty") else ""),
         f"- torch {env.get('torch')}, CUDA {env.get('cuda')}, triton {env.get('triton')}, python {env.get('python')}",
+        # Which kernels ran: a report from an unbuilt checkout must say that it measured the reference only.
+        *([f"- {env['backends']}"] if env.get("backends") else []),
     ]
 
 

@@ -16,7 +16,15 @@ import textwrap
 
 from deformable_detr.data.coco import LABEL_MAPS
 from deformable_detr.data.transforms import AUGMENTATIONS
-from deformable_detr.engine.config import AMP_MODES, MODELS, TrainConfig, coco_preset, demo_preset, trees_preset
+from deformable_detr.engine.config import (
+    AMP_MODES,
+    MODELS,
+    TrainConfig,
+    coco_preset,
+    crowd_preset,
+    demo_preset,
+    trees_preset,
+)
 from deformable_detr.engine.predict import DEFAULT_THRESHOLD
 from deformable_detr.engine.preflight import MissingPackageError
 
@@ -68,6 +76,7 @@ def _presets() -> dict[str, TrainConfig]:
         "neon-trees": trees_preset("deformable_detr"),
         "COCO": coco_preset("deformable_detr"),
         "COCO --model detr": coco_preset("detr"),
+        "synthetic-crowded": crowd_preset("deformable_detr"),
     }
 
 
@@ -111,6 +120,7 @@ TRAIN_EXAMPLES = """examples:
   python -m deformable_detr train --data synthetic --output-dir runs/demo       # CPU demo, ~2-3 min on 2 cores
   python -m deformable_detr train --data synthetic --output-dir runs/demo --epochs 8 --set hidden_dim=128
   python -m deformable_detr train --resume runs/demo/checkpoint.pth --epochs 8  # train longer
+  python -m deformable_detr train --data synthetic-crowded --output-dir runs/crowd --threads 1  # > 100 objects
   torchrun --nproc-per-node 8 -m deformable_detr train --data /data/coco --output-dir runs/ddetr \\
       --backbone-weights resnet50.pth --amp bf16                                   # the paper's recipe
 """
@@ -137,6 +147,29 @@ def _subparser(sub, name: str, help_text: str, description: str, epilog: str):
     )
 
 
+def _add_run_flags(p, command: str, writes: str) -> None:
+    """Flags every command has: --overwrite, --threads, --skip-bad-images (not predict, which always skips)."""
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"replace {writes} already there (default: refuse, naming the file, before any work)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads for torch (default: torch's, one per core). On a busy machine torch's OpenMP threads spin "
+        "waiting for cores and a step can get many times slower; --threads 1 (or OMP_NUM_THREADS=1) avoids that",
+    )
+    if command != "predict":
+        p.add_argument(
+            "--skip-bad-images",
+            action="store_true",
+            help="leave out images that are missing or do not decode, one line each (default: stop before any "
+            "work, naming them; every image is decoded once up front)",
+        )
+
+
 def _add_train(sub) -> None:
     p = _subparser(
         sub,
@@ -150,7 +183,8 @@ def _add_train(sub) -> None:
     req = p.add_argument_group("required (unless --resume)")
     req.add_argument(
         "--data",
-        help="'synthetic' (built in, generated on first use), 'neon-trees' (aerial tree crowns read from the optional "
+        help="'synthetic' (built in, generated on first use), 'synthetic-crowded' (its crowd variant: 101-140 objects "
+        "per image), 'neon-trees' (aerial tree crowns read from the optional "
         "deepforest wheel: pip install --no-deps deepforest==2.1.0) or a COCO-format folder",
     )
     req.add_argument("--output-dir", help="where checkpoint.pth, log.jsonl, eval.json and loss.png go")
@@ -216,6 +250,12 @@ def _add_train(sub) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars, per-epoch log lines only (default: off)")
     p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print the COCO table after every evaluation (default: only after the last epoch)",
+    )
+    _add_run_flags(p, "train", "the files of a run (checkpoint.pth, log.jsonl, eval.json, loss.png)")
+    p.add_argument(
         "--compile",
         action="store_true",
         default=None,
@@ -232,12 +272,23 @@ def _add_evaluate(sub) -> None:
         EVALUATE_EXAMPLES,
     )
     req = p.add_argument_group("required")
-    req.add_argument("--checkpoint", required=True, metavar="CKPT", help="a checkpoint.pth written by train")
+    req.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="CKPT",
+        help="a checkpoint.pth written by train, or an official Deformable DETR / DETR checkpoint (then pass --data)",
+    )
     p.add_argument(
-        "--data", help="'synthetic', 'neon-trees' or a COCO folder (default: what the checkpoint was trained on)"
+        "--data",
+        help="'synthetic', 'synthetic-crowded', 'neon-trees' or a COCO folder (default: what the checkpoint was "
+        "trained on)",
     )
     p.add_argument("--split", help="split to evaluate, e.g. val2017, crowded (default: the checkpoint's val split)")
-    p.add_argument("--output", help="metrics JSON path (default: eval_<split folder>.json beside the checkpoint)")
+    p.add_argument(
+        "--output",
+        help="metrics JSON path (default: beside the checkpoint, eval_<split folder>.json for its training data, "
+        "eval_<data name>_<split folder>.json for other --data)",
+    )
     p.add_argument("--image-size", type=int, help="shortest side images are resized to (default: the training one)")
     p.add_argument("--batch-size", type=int, help="images per process (default: the training one)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: this process's GPU if any, else cpu)")
@@ -246,6 +297,7 @@ def _add_evaluate(sub) -> None:
         "--max-dets", type=int, help="detections kept per image; AP/AR are computed at this cap (default: training's)"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
+    _add_run_flags(p, "evaluate", "an existing --output file")
     p.add_argument(
         "--compile",
         action="store_true",
@@ -259,7 +311,8 @@ def _add_predict(sub) -> None:
         "predict",
         "draw detections (boxes, labels, scores) onto PNGs",
         "Run a checkpoint on image files; writes OUTPUT/<image stem>.png with the detections drawn and\n"
-        "OUTPUT/predictions.json. A file that is not a readable image is skipped with a message.",
+        "OUTPUT/predictions.json (images with equal stems from different folders get the folder names in front).\n"
+        "A file that is not a readable image is skipped with a message.",
         PREDICT_EXAMPLES,
     )
     req = p.add_argument_group("required")
@@ -273,6 +326,7 @@ def _add_predict(sub) -> None:
         f"the checkpoint by train; {DEFAULT_THRESHOLD} for a checkpoint without one)",
     )
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
+    _add_run_flags(p, "predict", "drawn PNGs / predictions.json")
     p.add_argument(
         "--compile",
         action="store_true",
@@ -321,13 +375,21 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Preset (or the resumed checkpoint's config), then the flags given explicitly."""
     if args.resume:
         from deformable_detr.engine.checkpoint import load_checkpoint_file
+        from deformable_detr.engine.safety import RESUME_FIXED, check_resume_flags
 
-        cfg = TrainConfig.from_dict(load_checkpoint_file(args.resume)["config"])
+        ckpt = load_checkpoint_file(args.resume, purpose="train --resume")
+        given = {name: getattr(args, name) for name, _ in RESUME_FIXED if getattr(args, name) is not None}
+        overrides = dict(args.overrides)
+        if args.num_queries is not None:
+            overrides["num_queries"] = args.num_queries
+        given["model_overrides"] = overrides
+        check_resume_flags(ckpt["config"], given, ckpt["model_config"])
+        cfg = TrainConfig.from_dict(ckpt["config"])
     else:
         if args.data is None or args.output_dir is None:
             raise SystemExit("train: --data and --output-dir are required (unless --resume)")
         model = args.model or "deformable_detr"
-        presets = {"synthetic": demo_preset, "neon-trees": trees_preset}
+        presets = {"synthetic": demo_preset, "synthetic-crowded": crowd_preset, "neon-trees": trees_preset}
         cfg = presets.get(args.data, coco_preset)(model)
     for flag, name in _TRAIN_FIELDS.items():
         value = getattr(args, flag)
@@ -339,13 +401,24 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         overrides["num_queries"] = args.num_queries
     cfg.model_overrides = overrides
     cfg.resume = args.resume
+    # Per invocation, never taken from a resumed checkpoint's config.
     cfg.quiet = args.quiet
+    cfg.verbose = args.verbose
+    cfg.overwrite = args.overwrite
+    cfg.skip_bad_images = args.skip_bad_images
     cfg.validate()
     return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
     try:
         if args.command == "train":
             from deformable_detr.engine.trainer import train
@@ -368,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
                 quiet=args.quiet,
                 image_size=args.image_size,
                 compile=args.compile,
+                overwrite=args.overwrite,
+                skip_bad_images=args.skip_bad_images,
             )
         else:
             from deformable_detr.engine.predict import predict
@@ -380,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.device,
                 verbose=True,
                 compile=args.compile,
+                overwrite=args.overwrite,
             )
             for record in records:
                 print(f"{record['image']}: {len(record['detections'])} detections -> {record['output']}")
@@ -392,4 +468,8 @@ def main(argv: list[str] | None = None) -> int:
         # User errors (missing or unreadable files, bad values, missing packages): one line, no traceback.
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:
+        # Ctrl-C: train says what it saved and how to resume; the others have nothing to save.
+        print(str(err) if str(err) else f"{args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0

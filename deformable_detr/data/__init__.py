@@ -6,15 +6,24 @@ from pathlib import Path
 
 from deformable_detr.data.coco import LABEL_MAPS, CocoDetection, collate, resolve_split
 from deformable_detr.data.neon_trees import NEON_TREES, prepare_neon_trees
-from deformable_detr.data.synthetic import CATEGORIES, SyntheticSpec, prepare_synthetic, render_image
+from deformable_detr.data.synthetic import (
+    CATEGORIES,
+    SYNTHETIC_CROWDED,
+    SyntheticSpec,
+    crowded_spec,
+    prepare_synthetic,
+    render_image,
+)
 from deformable_detr.data.transforms import AUGMENTATIONS, make_transforms
 
 
 def resolve_data_root(data: str, synthetic_spec: SyntheticSpec | None = None) -> Path:
-    """``"synthetic"`` / ``"neon-trees"`` -> the generated COCO folder (created on first use); anything else is a
-    COCO folder path."""
+    """``"synthetic"`` / ``"synthetic-crowded"`` / ``"neon-trees"`` -> the generated COCO folder (created on first
+    use); anything else is a COCO folder path."""
     if data == "synthetic":
         return prepare_synthetic(synthetic_spec)
+    if data == SYNTHETIC_CROWDED:
+        return prepare_synthetic(crowded_spec())
     if data == NEON_TREES:
         return prepare_neon_trees()
     return Path(data)
@@ -41,10 +50,12 @@ __all__ = [
     "CATEGORIES",
     "LABEL_MAPS",
     "NEON_TREES",
+    "SYNTHETIC_CROWDED",
     "CocoDetection",
     "SyntheticSpec",
     "build_dataset",
     "collate",
+    "crowded_spec",
     "make_transforms",
     "prepare_neon_trees",
     "prepare_synthetic",

@@ -106,6 +106,11 @@ class CocoDetection(torch.utils.data.Dataset):
             self.image_dir / im["file_name"] for im in self.images if not (self.image_dir / im["file_name"]).is_file()
         ]
 
+    def drop_images(self, indices) -> None:
+        """Leave the images at ``indices`` out (``--skip-bad-images``); evaluation then scores only the others."""
+        drop = set(indices)
+        self.images = [im for i, im in enumerate(self.images) if i not in drop]
+
     @property
     def num_classes(self) -> int:
         return len(self.label_to_category)

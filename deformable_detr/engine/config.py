@@ -35,6 +35,12 @@ class TrainConfig:
     amp: str = "none"
     num_workers: int = 2
     quiet: bool = False
+    # The COCO table after every evaluation, not only after the last epoch.
+    verbose: bool = False
+    # Replace the files of a run already in output_dir (otherwise train refuses before any work).
+    overwrite: bool = False
+    # Images that are missing or do not decode are left out (one line each) instead of stopping the run.
+    skip_bad_images: bool = False
     resume: str | None = None
     backbone_weights: str | None = None
     # Data
@@ -137,6 +143,28 @@ def trees_preset(model: str = "deformable_detr") -> TrainConfig:
     cfg.augmentation = "aerial"
     cfg.max_dets = 450
     cfg.eval_every = 1
+    return cfg
+
+
+def crowd_preset(model: str = "deformable_detr") -> TrainConfig:
+    """CPU crowd recipe on ``synthetic-crowded`` (400 training images of 320 pixels with 101-140 shapes of 10-22
+    pixels each): the demo's small model with 300 queries (over twice the most objects in an image) and
+    ``max_dets`` to match, two-stage Deformable DETR with box refinement (the decoder starts from the encoder's
+    best-scoring locations, which suits many small objects better than learned query positions), trained and
+    evaluated at the images' own 320 pixels, evaluated on the held-out ``crowded`` split. One epoch of 200 steps:
+    about 450 CPU-seconds with one thread, inside 15 minutes on 2 CPU cores (README, crowd recipe)."""
+    cfg = demo_preset(model)
+    cfg.data = "synthetic-crowded"
+    cfg.model_overrides["num_queries"] = 300
+    if model == "deformable_detr":
+        cfg.model_overrides.update(two_stage=True, with_box_refine=True)
+    cfg.train_split = "train"
+    cfg.val_split = "crowded"
+    cfg.image_size = 320
+    cfg.max_dets = 300
+    cfg.batch_size = 2
+    cfg.epochs = 1
+    cfg.lr_drop = 1
     return cfg
 
 

@@ -70,7 +70,9 @@ def loss_figure(records: list[dict]):
         ax.set_xlim(*x_range)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.set_xlabel("epoch")
-        ax.set_ylim(0, 1)
+        # Scaled to the data (from 0, with headroom for the label): a fixed 0-1 axis flattens small APs.
+        top = max([r[k] for r in records for k in eval_keys if isinstance(r.get(k), (int, float))], default=0.0)
+        ax.set_ylim(0, min(1.0, max(top * 1.25, 0.01)))
         ax.set_title("held-out COCO metrics")
         ax.grid(alpha=0.3)
         ax.legend()

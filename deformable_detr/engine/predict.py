@@ -13,9 +13,10 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from torchvision import tv_tensors
 
 from deformable_detr.data import make_transforms
-from deformable_detr.engine.checkpoint import load_checkpoint_file
+from deformable_detr.engine.checkpoint import load_checkpoint_file, load_model_weights
 from deformable_detr.engine.config import TrainConfig
 from deformable_detr.engine.modeling import build_components, describe_backend, model_config_from_dict
+from deformable_detr.engine.safety import OutputExistsError, unique_stems
 from deformable_detr.models.inference import optimize_for_inference
 
 # predict's score threshold when the checkpoint carries none (one trained before thresholds were stored, or never
@@ -32,13 +33,13 @@ class Predictor:
     """
 
     def __init__(self, checkpoint: str | Path, device: str | torch.device = "cpu", compile: bool = False):
-        ckpt = load_checkpoint_file(checkpoint)
+        ckpt = load_checkpoint_file(checkpoint, purpose="predict")
         self.train_config = TrainConfig.from_dict(ckpt.get("config", {}))
         self.model_name = ckpt.get("model_name", self.train_config.model)
         self.model_config = model_config_from_dict(self.model_name, ckpt["model_config"])
         self.device = torch.device(device)
         self.model, _, self.postprocess = build_components(self.model_config, self.train_config.max_dets)
-        self.model.load_state_dict(ckpt["model"])
+        load_model_weights(self.model, ckpt)
         self.model.to(self.device).eval()
         # Folded BN + channels_last (outputs equal within fp32 round-off); compile=True adds torch.compile.
         self.model = optimize_for_inference(self.model, compile=compile, fullgraph=False, dynamic=None)
@@ -135,9 +136,12 @@ def predict(
     on_skip: Callable[[str], None] | None = None,
     verbose: bool = False,
     compile: bool = False,
+    overwrite: bool = False,
 ) -> list[dict]:
     """Write ``output_dir/<image stem>.png`` with drawn detections and ``output_dir/predictions.json`` (boxes in
-    the input image's pixels; small images are drawn enlarged, see :func:`draw_detections`).
+    the input image's pixels; small images are drawn enlarged, see :func:`draw_detections`). Images whose stems
+    collide (``a/0.png``, ``b/0.png``) get their folder names in front (``a_0.png``, ``b_0.png``). Files already in
+    ``output_dir`` are never replaced unless ``overwrite``: that is checked before the model is loaded.
 
     ``threshold`` None -> the checkpoint's F1-optimal threshold (see :class:`Predictor`). A file that is not a
     readable image is skipped: ``on_skip`` (default: print to stderr) gets one line naming it; a ValueError only
@@ -147,24 +151,37 @@ def predict(
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ValueError(f"predict: threshold must be in [0, 1], got {threshold}")
     on_skip = on_skip or (lambda message: print(message, file=sys.stderr))
+    out_dir = Path(output_dir)
+    # Unreadable files are found first (a cheap decode each), so that no output is claimed for them and the
+    # existing-output check below names only files this call would write.
+    readable = []
+    for path in map(Path, images):
+        try:
+            _open_image(path)
+        except ValueError as err:
+            on_skip(f"predict: skipped {err}")
+            continue
+        readable.append(path)
+    if not readable:
+        raise ValueError(f"predict: none of the {len(images)} file(s) is a readable image")
+    out_paths = [out_dir / f"{stem}.png" for stem in unique_stems(readable)]
+    if not overwrite:
+        existing = [p for p in [*out_paths, out_dir / "predictions.json"] if p.exists()]
+        if existing:
+            more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+            raise OutputExistsError(
+                f"predict: {existing[0]} already exists{more}; pass --overwrite to replace, or choose another --output"
+            )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     predictor = Predictor(checkpoint, device, compile=compile)
     if verbose:
         print(describe_backend(predictor.model_config, predictor.device), flush=True)
     threshold = predictor.score_threshold if threshold is None else threshold
-    out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    records, skipped = [], []
-    for path in images:
-        path = Path(path)
-        try:
-            image = _open_image(path)
-        except ValueError as err:
-            skipped.append(str(path))
-            on_skip(f"predict: skipped {err}")
-            continue
+    records = []
+    for path, out_path in zip(readable, out_paths):
+        image = _open_image(path)
         detections = predictor(image)
-        out_path = out_dir / f"{path.stem}.png"
         draw_detections(image, detections, predictor.label_name, threshold).save(out_path)
         keep = detections["scores"] >= threshold
         records.append(
@@ -185,7 +202,5 @@ def predict(
                 ],
             }
         )
-    if not records:
-        raise ValueError(f"predict: none of the {len(images)} file(s) is a readable image")
     (out_dir / "predictions.json").write_text(json.dumps(records, indent=1) + "\n")
     return records

@@ -21,15 +21,22 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from deformable_detr.data import SyntheticSpec, build_dataset, collate
+from deformable_detr.data import SYNTHETIC_CROWDED, SyntheticSpec, build_dataset, collate
 from deformable_detr.engine import distributed as du
-from deformable_detr.engine.checkpoint import load_checkpoint_file, rng_state, save_checkpoint, set_rng_state
+from deformable_detr.engine.checkpoint import (
+    load_checkpoint_file,
+    load_model_weights,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from deformable_detr.engine.config import TrainConfig, model_config
 from deformable_detr.engine.evaluator import CocoEvaluator
 from deformable_detr.engine.modeling import build_components, describe_backend, model_config_from_dict
 from deformable_detr.engine.optim import build_optimizer, build_scheduler
 from deformable_detr.engine.plotting import plot_losses
-from deformable_detr.engine.preflight import check_images, check_packages
+from deformable_detr.engine.preflight import check_backbone_weights, check_images, check_packages
+from deformable_detr.engine.safety import RESUME_FIXED, check_resume_flags, check_train_output, refuse_existing
 from deformable_detr.models.inference import compile_model, optimize_for_inference
 
 EVAL_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -64,16 +71,51 @@ def _is_main_term(name: str) -> bool:
     return not last.isdigit() and last != "enc"
 
 
-def train_one_epoch(model, criterion, loader, optimizer, device, cfg: TrainConfig, epoch: int, scaler, show: bool):
+def _logged_terms(criterion) -> callable:
+    """Which loss terms go into the log: the last decoder layer's, without ``cardinality_error`` for sigmoid
+    (focal) models, where "predicted objects" (logits whose argmax is not the last class) means nothing: a sigmoid
+    head has no "no object" class."""
+    use_focal = getattr(criterion, "use_focal", False)
+    return lambda name: _is_main_term(name) and not (use_focal and name.startswith("cardinality_error"))
+
+
+class StepProgress:
+    """How far the current epoch got: read by the Ctrl-C handler to save a checkpoint that resumes mid-epoch."""
+
+    def __init__(self, start_step: int = 0):
+        self.done = start_step
+
+
+def train_one_epoch(
+    model,
+    criterion,
+    loader,
+    optimizer,
+    device,
+    cfg: TrainConfig,
+    epoch: int,
+    scaler,
+    show: bool,
+    progress: StepProgress | None = None,
+):
+    """One epoch; ``progress.done`` (default 0) steps are skipped first (their batches are drawn, not trained on:
+    a run resumed after Ctrl-C sees the rest of the epoch's data order), and counts the steps done."""
     model.train()
     criterion.train()
     weight_dict = criterion.weight_dict
+    logged = _logged_terms(criterion)
+    progress = progress or StepProgress()
+    start_step = progress.done
     sums: dict[str, float] = defaultdict(float)
     steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
-    bar = tqdm(total=steps, desc=f"epoch {epoch}", disable=not show, leave=False, dynamic_ncols=True)
+    bar = tqdm(
+        total=steps, initial=start_step, desc=f"epoch {epoch}", disable=not show, leave=False, dynamic_ncols=True
+    )
     for step, (images, targets) in enumerate(loader):
         if step >= steps:
             break
+        if step < start_step:
+            continue
         images, targets = _to_device(images, targets, device)
         with autocast_context(device, cfg.amp):
             outputs = model(images)
@@ -92,12 +134,13 @@ def train_one_epoch(model, criterion, loader, optimizer, device, cfg: TrainConfi
         scaler.update()
         sums["loss"] += loss.item()
         for k, v in loss_dict.items():
-            if _is_main_term(k):
+            if logged(k):
                 sums[k] += float(v.detach())
+        progress.done = step + 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
-    stats = {k: v / max(steps, 1) for k, v in sums.items()}
+    stats = {k: v / max(steps - start_step, 1) for k, v in sums.items()}
     return du.all_reduce_mean(stats, device), steps
 
 
@@ -150,7 +193,7 @@ def _datasets(cfg: TrainConfig, info: du.DistInfo):
     kwargs = dict(
         image_size=cfg.image_size, max_size=cfg.max_size, label_map=cfg.label_map, synthetic_spec=synthetic_spec(cfg)
     )
-    if cfg.data == "synthetic":
+    if cfg.data in ("synthetic", SYNTHETIC_CROWDED):
         # One process writes the synthetic folder; the others wait and then read it.
         if info.is_main:
             build_dataset(cfg.data, cfg.train_split, True, augmentation=cfg.augmentation, **kwargs)
@@ -183,16 +226,32 @@ def train(cfg: TrainConfig) -> dict:
         du.cleanup_distributed()
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``train``: the message says what was saved and the command that resumes."""
+
+
+def _resume_command(checkpoint: Path) -> str:
+    return f"python -m deformable_detr train --resume {checkpoint}"
+
+
 def _train(cfg: TrainConfig, info: du.DistInfo, device: torch.device) -> dict:
     out_dir = Path(cfg.output_dir)
     show = info.is_main and not cfg.quiet
-    resume = load_checkpoint_file(cfg.resume) if cfg.resume else None
+    # Before any work: the output folder, the checkpoint to resume and the flags it cannot honour, what the last
+    # step (evaluation, the plot) needs, and every image of both splits.
+    check_train_output(out_dir, cfg.resume, cfg.overwrite)
+    resume = load_checkpoint_file(cfg.resume, purpose="train --resume") if cfg.resume else None
+    if resume is not None:
+        given = {name: getattr(cfg, name) for name, _ in RESUME_FIXED}
+        given["model_overrides"] = cfg.model_overrides
+        check_resume_flags(resume.get("config", {}), given, resume["model_config"])
     _seed_all(_epoch_seed(cfg.seed, -1, info.rank))
-    # Before any work: what the last step (evaluation, the plot) needs, and every image of both splits.
     check_packages("train")
+    if cfg.backbone_weights:
+        check_backbone_weights(cfg.backbone_weights)
     train_set, val_set = _datasets(cfg, info)
-    check_images(train_set, f"train split {cfg.train_split!r}")
-    check_images(val_set, f"val split {cfg.val_split!r}")
+    check_images(train_set, f"train split {cfg.train_split!r}", skip=cfg.skip_bad_images)
+    check_images(val_set, f"val split {cfg.val_split!r}", skip=cfg.skip_bad_images)
     if resume is not None:
         mcfg = model_config_from_dict(resume["model_name"], resume["model_config"])
         if mcfg.num_classes != train_set.num_classes:
@@ -209,7 +268,7 @@ def _train(cfg: TrainConfig, info: du.DistInfo, device: torch.device) -> dict:
     )
     scheduler = build_scheduler(optimizer, cfg.lr_drop)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    start_epoch = 0
+    start_epoch, start_step = 0, 0
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -217,10 +276,12 @@ def _train(cfg: TrainConfig, info: du.DistInfo, device: torch.device) -> dict:
         if "scaler" in resume:
             scaler.load_state_dict(resume["scaler"])
         start_epoch = resume["epoch"] + 1
+        start_step = resume.get("interrupted_step", 0)
         rng = resume.get("rng_states", [])
         if info.rank < len(rng):
             set_rng_state(rng[info.rank])
-        _log(f"resumed from {cfg.resume} at epoch {start_epoch}", info)
+        at = f" step {start_step}" if start_step else ""
+        _log(f"resumed from {cfg.resume} at epoch {start_epoch}{at}", info)
     train_model = model
     if info.enabled:
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -235,22 +296,15 @@ def _train(cfg: TrainConfig, info: du.DistInfo, device: torch.device) -> dict:
     _log(describe_backend(mcfg, device), info)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if start_epoch == 0:
+        if start_epoch == 0 and start_step == 0:
             (out_dir / "log.jsonl").write_text("")
     evaluator_args = (val_set.annotation_file, val_set.label_to_category, cfg.max_dets)
     val_loader = make_loader(val_set, cfg, info, train=False)
     metrics: dict = {}
     score_threshold = resume.get("score_threshold") if resume is not None else None
-    for epoch in range(start_epoch, cfg.epochs):
-        start = time.time()
-        _seed_all(_epoch_seed(cfg.seed, epoch, info.rank))
-        loader = make_loader(train_set, cfg, info, train=True, epoch=epoch)
-        stats, steps = train_one_epoch(train_model, criterion, loader, optimizer, device, cfg, epoch, scaler, show)
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        record = {"epoch": epoch, "steps": steps, "lr": lr, **{f"train_{k}": v for k, v in stats.items()}}
-        # All ranks' RNG states, so every process continues its own stream after a resume.
-        rng_states = du.all_gather_objects(rng_state())
+    ckpt_path = out_dir / "checkpoint.pth"
+
+    def state(epoch: int, **extra) -> dict:
         checkpoint = dict(
             model=model.state_dict(),
             optimizer=optimizer.state_dict(),
@@ -262,23 +316,58 @@ def _train(cfg: TrainConfig, info: du.DistInfo, device: torch.device) -> dict:
             model_config=_asdict(mcfg),
             label_to_category=train_set.label_to_category,
             category_names=train_set.category_names,
-            rng_states=rng_states,
+            # All ranks' RNG states, so every process continues its own stream after a resume.
+            rng_states=du.all_gather_objects(rng_state()) if not extra else [rng_state()],
+            **extra,
         )
         if score_threshold is not None:
             checkpoint["score_threshold"] = score_threshold
+        return checkpoint
+
+    for epoch in range(start_epoch, cfg.epochs):
+        start = time.time()
+        _seed_all(_epoch_seed(cfg.seed, epoch, info.rank))
+        loader = make_loader(train_set, cfg, info, train=True, epoch=epoch)
+        progress = StepProgress(start_step if epoch == start_epoch else 0)
+        try:
+            stats, steps = train_one_epoch(
+                train_model, criterion, loader, optimizer, device, cfg, epoch, scaler, show, progress
+            )
+        except KeyboardInterrupt:
+            if info.is_main and progress.done > 0:
+                # Mid-epoch: the last completed epoch plus the steps done of this one; resuming skips those steps.
+                save_checkpoint(ckpt_path, **state(epoch - 1, interrupted_step=progress.done))
+            if progress.done:
+                saved = f"saved {ckpt_path} (epoch {epoch}, {progress.done} steps done)"
+            else:
+                saved = f"{ckpt_path} holds epoch {epoch - 1}" if epoch > 0 else "nothing saved yet"
+            resume_hint = f"; resume with: {_resume_command(ckpt_path)}" if epoch > 0 or progress.done else ""
+            raise TrainingInterrupted(f"train: interrupted; {saved}{resume_hint}") from None
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        record = {"epoch": epoch, "steps": steps, "lr": lr, **{f"train_{k}": v for k, v in stats.items()}}
+        checkpoint = state(epoch)
         # Saved before evaluating, so that a failing evaluation never costs the epoch's training.
         if info.is_main:
-            save_checkpoint(out_dir / "checkpoint.pth", **checkpoint)
+            save_checkpoint(ckpt_path, **checkpoint)
         last = epoch == cfg.epochs - 1
-        if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-            evaluator = CocoEvaluator(*evaluator_args)
-            metrics = evaluate(model, postprocess, val_loader, evaluator, device, cfg.amp, show, show)
-            record.update({f"val_{k}": metrics[k] for k in EVAL_KEYS})
-            score_threshold = metrics.get("score_threshold")
-            if info.is_main and score_threshold is not None:
-                # predict's default threshold: the F1-optimal one on this evaluation (see CocoEvaluator).
-                checkpoint["score_threshold"] = score_threshold
-                save_checkpoint(out_dir / "checkpoint.pth", **checkpoint)
+        try:
+            if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+                evaluator = CocoEvaluator(*evaluator_args)
+                # The COCO table once, after the last epoch (every evaluation with --verbose).
+                table = show and (last or cfg.verbose)
+                metrics = evaluate(model, postprocess, val_loader, evaluator, device, cfg.amp, show, table)
+                record.update({f"val_{k}": metrics[k] for k in EVAL_KEYS})
+                score_threshold = metrics.get("score_threshold")
+                if info.is_main and score_threshold is not None:
+                    # predict's default threshold: the F1-optimal one on this evaluation (see CocoEvaluator).
+                    checkpoint["score_threshold"] = score_threshold
+                    save_checkpoint(ckpt_path, **checkpoint)
+        except KeyboardInterrupt:
+            more = f"; resume with: {_resume_command(ckpt_path)}" if not last else ""
+            raise TrainingInterrupted(
+                f"train: interrupted while evaluating; {ckpt_path} holds the finished epoch {epoch}{more}"
+            ) from None
         record["time"] = time.time() - start
         # CPU seconds of this process so far: a load-independent cost figure on shared machines.
         record["process_cpu_s"] = time.process_time()
@@ -314,6 +403,19 @@ def _asdict(config) -> dict:
     return dataclasses.asdict(config)
 
 
+def _data_label(data: str) -> str:
+    """A file-name-safe name for ``--data``: the built-in dataset's name, or the folder's name."""
+    name = data if data in ("synthetic", SYNTHETIC_CROWDED, "neon-trees") else Path(data).resolve().name
+    return "".join(c if c.isalnum() or c in "-." else "-" for c in name) or "data"
+
+
+def _known_num_classes(data: str) -> int | None:
+    """Classes of a built-in dataset, known without generating it."""
+    from deformable_detr.data import CATEGORIES
+
+    return len(CATEGORIES) if data in ("synthetic", SYNTHETIC_CROWDED) else None
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     data: str | None = None,
@@ -326,15 +428,29 @@ def evaluate_checkpoint(
     image_size: int | None = None,
     quiet: bool = False,
     compile: bool = False,
+    overwrite: bool = False,
+    skip_bad_images: bool = False,
 ) -> dict:
-    """COCO metrics of a training checkpoint on ``data``/``split`` (default: the ones it was trained with);
-    prints the COCO table and writes the metrics as JSON to ``output`` (default ``eval_<split>.json`` beside the
-    checkpoint, ``<split>`` being the split's folder name, so ``crowded`` and ``crowded2017`` share one file).
-    ``image_size`` (default: the training one) is the shortest side images are resized to. Runs distributed under
-    torchrun like ``train``."""
+    """COCO metrics of a training checkpoint (or an official Deformable DETR / DETR one, with ``data``) on
+    ``data``/``split`` (default: the ones it was trained with); prints the COCO table and writes the metrics as JSON
+    to ``output``. Default output: ``eval_<split>.json`` beside the checkpoint for the training data, ``<split>``
+    being the split's folder name (so ``crowded`` and ``crowded2017`` share one file, which holds the latest
+    evaluation of that split), and ``eval_<data name>_<split>.json`` for other data, so that they never replace
+    each other. An explicit ``output`` that exists is refused unless ``overwrite``. ``image_size`` (default: the
+    training one) is the shortest side images are resized to. Images that are missing or do not decode stop the
+    evaluation before it starts (``skip_bad_images``: left out, one line each). Runs distributed under torchrun
+    like ``train``."""
     check_packages("evaluate", {"pycocotools": "pycocotools"})
-    ckpt = load_checkpoint_file(checkpoint)
+    if output is not None and not overwrite:
+        refuse_existing(output, "evaluate")
+    ckpt = load_checkpoint_file(checkpoint, purpose="evaluate")
     cfg = TrainConfig.from_dict(ckpt.get("config", {}))
+    trained_on = cfg.data
+    if data is None and cfg.data is None:
+        raise ValueError(
+            f"evaluate: {checkpoint} is {ckpt.get('foreign', 'a checkpoint without training data')}: pass --data "
+            "(a COCO-format folder, e.g. --data /data/coco)"
+        )
     # The synthetic data are those of training, whatever size they are evaluated at.
     spec = synthetic_spec(cfg)
     overrides = (
@@ -353,6 +469,14 @@ def evaluate_checkpoint(
         cfg.max_dets = max_dets
     cfg.quiet = quiet
     cfg.validate()
+    mcfg = model_config_from_dict(ckpt.get("model_name", cfg.model), ckpt["model_config"])
+    known = _known_num_classes(cfg.data)
+    if known is not None and known != mcfg.num_classes:
+        # Before generating anything: the built-in datasets' classes are known.
+        raise ValueError(
+            f"evaluate: the checkpoint predicts {mcfg.num_classes} classes, {cfg.data!r} has {known}; pass --data "
+            "with the data it was trained for"
+        )
     info = du.env_dist_info()
     dev = du.resolve_device(cfg.device, info)
     du.init_distributed(dev, info)
@@ -366,14 +490,14 @@ def evaluate_checkpoint(
             label_map=cfg.label_map,
             synthetic_spec=spec,
         )
-        mcfg = model_config_from_dict(ckpt.get("model_name", cfg.model), ckpt["model_config"])
         if mcfg.num_classes != val_set.num_classes:
             raise ValueError(
                 f"evaluate: the checkpoint predicts {mcfg.num_classes} classes, {cfg.data!r} split {cfg.val_split!r} "
                 f"has {val_set.num_classes} (label_map={cfg.label_map!r})"
             )
+        check_images(val_set, f"evaluate: split {cfg.val_split!r}", skip=skip_bad_images)
         model, _, postprocess = build_components(mcfg, cfg.max_dets)
-        model.load_state_dict(ckpt["model"])
+        load_model_weights(model, ckpt)
         model.to(dev)
         if info.is_main and not quiet:
             print(describe_backend(mcfg, dev), flush=True)
@@ -392,7 +516,8 @@ def evaluate_checkpoint(
             verbose=info.is_main,
         )
         if info.is_main:
-            out = Path(output) if output else Path(checkpoint).parent / f"eval_{val_set.image_dir.name}.json"
+            other = "" if cfg.data == trained_on else f"{_data_label(cfg.data)}_"
+            out = Path(output) if output else Path(checkpoint).parent / f"eval_{other}{val_set.image_dir.name}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(metrics, indent=1) + "\n")
             if not quiet:

@@ -205,3 +205,77 @@ def load_checkpoint(model: nn.Module, source, *, strict: bool = True, trusted: b
         )
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return report
+
+
+def _layer_count(state: Mapping[str, torch.Tensor], prefix: str) -> int:
+    indices = {int(m.group(1)) for k in state if (m := re.match(rf"^{re.escape(prefix)}\.(\d+)\.", k))}
+    return max(indices) + 1 if indices else 0
+
+
+def _backbone_name(state: Mapping[str, torch.Tensor]) -> str | None:
+    bottleneck = "backbone.0.body.layer1.0.conv3.weight" in state
+    layer3 = _layer_count(state, "backbone.0.body.layer3")
+    names = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50", (True, 23): "resnet101"}
+    return names.get((bottleneck, layer3))
+
+
+def describe_state(source) -> str:
+    """A few words on what a loaded file holds, for error messages about files that are not checkpoints."""
+    if not isinstance(source, Mapping):
+        return f"a {type(source).__name__}"
+    keys = sorted(str(k) for k in source)
+    return f"a dict with keys {keys[:6]}{' ...' if len(keys) > 6 else ''}"
+
+
+def official_model_config(source) -> tuple[str, dict, str] | None:
+    """``(model name, model config fields, description)`` of an official checkpoint (fundamentalvision
+    Deformable-DETR / facebookresearch DETR, bare or under ``"model"``, or the HF transformers v4 layout), read from
+    its tensor shapes and, when present, its saved ``args``; None when ``source`` is no such checkpoint.
+
+    What the shapes cannot tell (heads, sampling points, dilation) comes from ``args`` or the papers' defaults."""
+    if not isinstance(source, Mapping):
+        return None
+    state, layout = _unwrap(source)
+    args = source.get("args")
+    args = vars(args) if isinstance(args, argparse.Namespace) else dict(args) if isinstance(args, Mapping) else {}
+    deformable = any(".sampling_offsets." in k for k in state)
+    detr = "transformer.encoder.layers.0.self_attn.in_proj_weight" in state and "class_embed.weight" in state
+    backbone = _backbone_name(state)
+    if not (deformable or detr) or backbone is None:
+        return None
+    fields: dict = {"backbone": backbone, "pretrained": False}
+    fields["enc_layers"] = _layer_count(state, "transformer.encoder.layers")
+    fields["dec_layers"] = _layer_count(state, "transformer.decoder.layers")
+    fields["dim_feedforward"] = state["transformer.encoder.layers.0.linear1.weight"].shape[0]
+    for name in ("nheads", "dilation", "position_embedding", "dropout"):
+        if name in args:
+            fields[name] = args[name]
+    if deformable:
+        name = "deformable_detr"
+        fields["hidden_dim"] = state["transformer.level_embed"].shape[1]
+        fields["num_feature_levels"] = state["transformer.level_embed"].shape[0]
+        head = "class_embed.0.weight" if "class_embed.0.weight" in state else "class_embed.weight"
+        fields["num_classes"] = state[head].shape[0]
+        fields["two_stage"] = "transformer.enc_output.weight" in state
+        # Without box refinement the original lists one shared head per decoder layer: one storage, many keys.
+        shared = (
+            "class_embed.1.weight" in state
+            and state["class_embed.1.weight"].data_ptr() == state["class_embed.0.weight"].data_ptr()
+        )
+        fields["with_box_refine"] = bool(args.get("with_box_refine", "class_embed.1.weight" in state and not shared))
+        fields["with_box_refine"] = fields["with_box_refine"] or fields["two_stage"]
+        for key in ("enc_n_points", "dec_n_points"):
+            if key in args:
+                fields[key] = args[key]
+        if "query_embed.weight" in state:
+            fields["num_queries"] = state["query_embed.weight"].shape[0]
+        elif "num_queries" in args:
+            fields["num_queries"] = args["num_queries"]
+    else:
+        name = "detr"
+        fields["hidden_dim"] = state["query_embed.weight"].shape[1]
+        fields["num_queries"] = state["query_embed.weight"].shape[0]
+        fields["num_classes"] = state["class_embed.weight"].shape[0] - 1  # plus "no object"
+    title = "Deformable DETR" if deformable else "DETR"
+    where = "HF transformers" if layout == "hf" else "official"
+    return name, fields, f"an {where} {title} checkpoint ({backbone}, {fields['num_classes']} classes)"
