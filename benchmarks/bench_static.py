@@ -27,12 +27,12 @@ DTYPE_NAMES = {
     "c10::Half": "float16",
     "c10::BFloat16": "bfloat16",
 }
-# The loop that issues the per-sample memory traffic, by kernel: its corner loads, or its atomics.
+# The per-sample loop, by kernel: the innermost loop holding an instruction of each group.
 HOT_MARKERS = {
-    "forward": sass_tools.GLOBAL_LOADS,
-    "backward_atomics": sass_tools.ATOMICS,
-    "backward_no_atomics": sass_tools.GLOBAL_LOADS,
-    "gather_grad_value": sass_tools.GLOBAL_LOADS,
+    "forward": (sass_tools.GLOBAL_LOADS,),
+    "backward_atomics": (sass_tools.ATOMICS, sass_tools.SHUFFLES),
+    "backward_no_atomics": (sass_tools.GLOBAL_LOADS, sass_tools.SHUFFLES),
+    "gather_grad_value": (sass_tools.GLOBAL_LOADS,),
 }
 _KERNEL = re.compile(r"kernels::(\w+)_kernel(?:<([^>]*)>)?")
 

@@ -309,3 +309,67 @@ def sanity_markdown(s: dict | None) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+# ---- measured column (benchmarks/gpu_check.sh) --------------------------------------------------------------------
+_BENCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def attach_measured(predictions: list[dict], bench_rows: list[dict], gpu_name: str) -> list[dict]:
+    """Copies of the prediction rows for the GPU a benchmark ran on (``gpu_name`` contains "H100" or "A100"),
+    with ``measured_ms`` from the msda suite's cuda rows (same encoder / decoder shapes): the forward from
+    ``fwd``; the backward as ``fwd+bwd`` minus ``fwd`` (it includes autograd's overhead), and ``ratio``."""
+    family = "H100" if "H100" in gpu_name or "H200" in gpu_name else ("A100" if "A100" in gpu_name else None)
+    times = {}
+    for r in bench_rows:
+        if r.get("suite") == "msda" and r.get("backend") == "cuda" and r.get("time_ms") is not None:
+            times[(r["name"], _BENCH_DTYPES.get(r.get("dtype"), r.get("dtype")), r.get("pass"))] = r["time_ms"]
+    out = []
+    for row in predictions:
+        if family is None or not row["gpu"].startswith(family):
+            continue
+        fwd = times.get((row["shape"], row["dtype"], "fwd"))
+        both = times.get((row["shape"], row["dtype"], "fwd+bwd"))
+        measured = fwd if row["kernel"] == "forward" else (both - fwd if fwd and both else None)
+        new = dict(row, measured_ms=measured, measured_on=gpu_name)
+        if measured:
+            new["ratio"] = measured / row["predicted_ms"]
+        out.append(new)
+    return out
+
+
+def main(argv=None) -> int:
+    """``python -m benchmarks.bench_static_roofline BENCH_JSON OUT_DIR``: the committed predictions with the
+    measured column from a GPU benchmark run (gpu_check.sh calls it after the bench stage)."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("bench_json", type=Path)
+    parser.add_argument("out_dir", type=Path)
+    args = parser.parse_args(argv)
+    results = Path(__file__).resolve().parent / "results"
+    committed = sorted(results.glob("roofline-*.json"))
+    if not committed:
+        print("no committed roofline-*.json")
+        return 1
+    bench = json.loads(args.bench_json.read_text())
+    gpu_name = bench.get("environment", {}).get("device_name", "")
+    rows = attach_measured(json.loads(committed[-1].read_text())["results"], bench.get("results", []), gpu_name)
+    from benchmarks import common
+
+    head = f"# Roofline predictions ({committed[-1].name}) against the measured times on {gpu_name}\n"
+    common.write_json_and_markdown(
+        {"prediction_file": committed[-1].name, "bench_file": args.bench_json.name, "gpu": gpu_name},
+        rows,
+        head + "\n" + common.markdown_table(rows, COLUMNS) + "\n",
+        args.out_dir,
+        "roofline-measured",
+    )
+    print(common.markdown_table(rows, COLUMNS))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -208,12 +208,14 @@ LOCAL = ("LDL", "STL")
 SHUFFLES = ("SHFL",)
 
 
-def hot_loop(code: Sass, markers: tuple[str, ...]) -> dict | None:
-    """The innermost loop that contains an instruction of ``markers`` (the per-sample loop of the MSDA kernels:
-    the corner loads, or the atomics): its size and what it issues per iteration. None when no loop has one."""
+def hot_loop(code: Sass, markers: tuple[tuple[str, ...], ...]) -> dict | None:
+    """The innermost loop that contains an instruction of every group in ``markers`` (the per-sample loop of the
+    MSDA kernels: the corner loads; in the backward the atomics and the group reduction's shuffles): its static
+    size and the memory / shuffle instructions in it. Nested loops inside it (the channel-tile loop, the butterfly
+    loop) are counted once, as they run for D = 32 except the butterfly (log2 G rounds). None when no loop fits."""
     best = None
     for lo, hi in code.loops():
-        if code.count(markers, lo, hi) == 0:
+        if any(code.count(group, lo, hi) == 0 for group in markers):
             continue
         if best is None or hi - lo < best[1] - best[0]:
             best = (lo, hi)
