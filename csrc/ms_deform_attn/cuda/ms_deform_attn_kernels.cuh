@@ -18,6 +18,7 @@
 #include <ATen/OpMathType.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "ms_deform_attn/cuda/ms_deform_attn_launch.h"
 #include "ms_deform_attn/cuda/ms_deform_attn_vec.cuh"
@@ -58,11 +59,11 @@ __device__ __forceinline__ int64_t head_row(int64_t item, int64_t Q, int64_t M, 
   return (n * Q + q) * M + m;
 }
 
-// At most 80 registers (3 blocks of 256 threads per SM, 37.5 % occupancy): uncapped, the 8-wide half-precision
-// instances take 89-91 registers on sm_90 (2 blocks, 25 %); capped, their spills stay outside the per-sample loop
-// (benchmarks/NOTES.md, "Tuning driven by these facts").
+// Register caps: 64 for float (4 blocks of 256 threads per SM, 50 %; uncapped 72 on sm_80 and sm_90), 80 otherwise
+// (3 blocks, 37.5 %; the 8-wide half-precision instances take 89-91 uncapped on sm_90). The spills this costs stay
+// outside the per-sample loop (benchmarks/NOTES.md, "Tuning driven by these facts").
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kThreads, 3)
+__global__ void __launch_bounds__(kThreads, std::is_same_v<scalar_t, float> ? 4 : 3)
     forward_kernel(const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes,
                    const int64_t* __restrict__ starts, const at::opmath_type<scalar_t>* __restrict__ locations,
                    const at::opmath_type<scalar_t>* __restrict__ weights, scalar_t* __restrict__ out, Sizes s,
