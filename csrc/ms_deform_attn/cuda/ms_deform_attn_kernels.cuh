@@ -63,7 +63,7 @@ __device__ __forceinline__ int64_t head_row(int64_t item, int64_t Q, int64_t M, 
 // (3 blocks, 37.5 %; the 8-wide half-precision instances take 89-91 uncapped on sm_90). The spills this costs stay
 // outside the per-sample loop (benchmarks/NOTES.md, "Tuning driven by these facts").
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kThreads, std::is_same_v<scalar_t, float> ? 4 : 3)
+__global__ void __launch_bounds__(kThreads, (std::is_same_v<scalar_t, float> ? 4 : 3))
     forward_kernel(const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes,
                    const int64_t* __restrict__ starts, const at::opmath_type<scalar_t>* __restrict__ locations,
                    const at::opmath_type<scalar_t>* __restrict__ weights, scalar_t* __restrict__ out, Sizes s,
