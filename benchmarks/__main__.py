@@ -1,8 +1,8 @@
-"""``python -m benchmarks [--quick] [--device cpu|cuda] [--suites msda,matcher,model] [--out DIR]``
+"""``python -m benchmarks [--quick] [--device cpu|cuda] [--suites msda,matcher,model] [--out DIR] [--static]``
 
 Runs the suites on the present device (CUDA when available), then writes
 ``<out>/<device-slug>-<yyyy-mm-dd>[-quick].json`` (environment + every row), ``.md`` (tables) and ``.png``
-(speed-up bars), and prints a short table last.
+(speed-up bars), and prints a short table last. ``--static`` instead writes the no-GPU facts (benchmarks/bench_static.py).
 """
 
 from __future__ import annotations
@@ -42,6 +42,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--suites", default=",".join(SUITES), help=f"comma-separated subset of {','.join(SUITES)}")
     parser.add_argument("--out", type=Path, default=report.RESULTS_DIR, help="directory for the result files")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs, CI)")
+    parser.add_argument(
+        "--static",
+        action="store_true",
+        help="no timing: static kernel table, emulated memory counters and roofline predictions (no GPU needed)",
+    )
     args = parser.parse_args(argv)
     args.suites = [s.strip() for s in args.suites.split(",") if s.strip()]
     unknown = sorted(set(args.suites) - set(SUITES))
@@ -58,6 +63,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.static:
+        from benchmarks import bench_static
+
+        for kind, path in bench_static.main(args.out).items():
+            print(f"{kind}: {path}")
+        return 0
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

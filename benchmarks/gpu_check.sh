@@ -5,7 +5,8 @@
 # number of failed stages. Prints a short table last.
 #
 # Files under $OUT (kept to 8 so that they are easy to copy back): summary.txt, build.log, pytest_gpu.log, sanitizer.log,
-# bench.log and the benchmark's <device>-<date>.{json,md,png}.
+# bench.log and the benchmark's <device>-<date>.{json,md,png}; with a GPU also roofline-measured.{json,md} (the
+# committed roofline predictions with the measured column) and roofline.log.
 #
 # Environment (all optional):
 #   OUT                       where logs and results go (default: /tmp/gpu_check_out)
@@ -173,6 +174,12 @@ if want bench; then
     fi
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of words on purpose
     run_stage bench "$OUT/bench.log" 420 "$PY" -m benchmarks --no-progress --out "$OUT" $BENCH_ARGS
+    # The committed roofline predictions (results/roofline-*.json) gain the measured column and the ratio.
+    bench_json=$(ls -t "$OUT"/*.json 2>/dev/null | grep -v roofline | head -1)
+    if ((HAVE_GPU)) && [[ -n $bench_json ]]; then
+        "$PY" -m benchmarks.bench_static_roofline "$bench_json" "$OUT" >"$OUT/roofline.log" 2>&1 ||
+            note "roofline-measured failed (see roofline.log)"
+    fi
 fi
 
 echo

@@ -43,9 +43,11 @@ struct SimtDevice {
   template <typename Kernel, typename... Args>
   void launch(const deformable_detr::LaunchInfo& info, Kernel kernel, int64_t blocks, int threads, size_t shared,
               Args... args) {
-    record_launch(std::string(info.kernel) + "|" + std::string(c10::toString(dtype)) + "|" + std::to_string(info.vec) +
-                  "|" + std::to_string(info.group_size) + "|" + std::to_string(info.tiles) + "|sm" +
-                  std::to_string(config().arch / 10));
+    const std::string key = std::string(info.kernel) + "|" + std::string(c10::toString(dtype)) + "|" +
+                            std::to_string(info.vec) + "|" + std::to_string(info.group_size) + "|" +
+                            std::to_string(info.tiles) + "|sm" + std::to_string(config().arch / 10);
+    record_launch(key);
+    set_launch_label(key);
     const bool saved = config().ftz;
     config().ftz = dtype != at::kDouble;  // --use_fast_math flushes float32 (and the float math of half types)
     try {

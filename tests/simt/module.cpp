@@ -29,4 +29,34 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("planted", &simt::planted);
   m.def("coverage", &simt::coverage);
   m.def("reset_coverage", &simt::reset_coverage);
+  m.def("set_counting", &simt::set_counting);
+  m.def("reset_counters", &simt::reset_counters);
+  m.def("counters", [] {
+    py::list out;
+    auto counts = [](const simt::AccessCounts& a) {
+      py::dict d;
+      d["requests"] = a.requests;
+      d["lane_accesses"] = a.lane_accesses;
+      d["bytes"] = a.bytes;
+      d["sectors"] = a.sectors;
+      d["ideal_sectors"] = a.ideal_sectors;
+      return d;
+    };
+    for (const simt::LaunchCounters& c : simt::launch_counters()) {
+      py::dict d;
+      d["label"] = c.label;
+      d["blocks"] = c.blocks;
+      d["threads"] = c.threads;
+      d["load"] = counts(c.load);
+      d["store"] = counts(c.store);
+      d["atomic"] = counts(c.atomic);
+      d["shuffles"] = c.shuffles;
+      d["shuffle_lanes"] = c.shuffle_lanes;
+      d["barriers"] = c.barriers;
+      d["unique_sectors"] = c.unique_sectors;
+      d["l2_miss_sectors"] = c.l2_miss_sectors;
+      out.append(d);
+    }
+    return out;
+  });
 }

@@ -8,13 +8,17 @@
 #include <xmmintrin.h>
 
 #include <algorithm>
+#include <bit>
 #include <cstdio>
+#include <list>
 #include <map>
 #include <mutex>
 #include <numeric>
 #include <random>
 #include <sstream>
 #include <stdexcept>
+#include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 namespace simt {
@@ -23,6 +27,47 @@ namespace {
 constexpr size_t kStackBytes = 128 * 1024;
 
 enum class State { kReady, kBarrier, kShuffle, kExited };
+
+enum class AccessClass : uint8_t { kLoad, kStore, kAtomic };
+
+// One logged access of a lane (memory counters). `site` identifies the access kind, width and allocation.
+struct Access {
+  uint64_t site;
+  uintptr_t addr;
+  uint32_t bytes;
+  AccessClass cls;
+};
+
+// LRU over 32-byte sectors: the L2 model of the counters (H100: 50 MB).
+class SectorLru {
+ public:
+  explicit SectorLru(size_t capacity) : capacity_(capacity) {}
+  bool touch(uint64_t sector) {  // true on a hit
+    auto it = where_.find(sector);
+    if (it != where_.end()) {
+      order_.splice(order_.begin(), order_, it->second);
+      return true;
+    }
+    order_.push_front(sector);
+    where_[sector] = order_.begin();
+    if (order_.size() > capacity_) {
+      where_.erase(order_.back());
+      order_.pop_back();
+    }
+    return false;
+  }
+  void clear() {
+    order_.clear();
+    where_.clear();
+  }
+
+ private:
+  size_t capacity_;
+  std::list<uint64_t> order_;
+  std::unordered_map<uint64_t, std::list<uint64_t>::iterator> where_;
+};
+
+constexpr size_t kL2Bytes = size_t{50} << 20;
 
 struct Fiber {
   ucontext_t ctx;
@@ -35,6 +80,7 @@ struct Fiber {
   unsigned mask = 0;
   int param = 0, width = 0;
   uint64_t bits = 0, result = 0;
+  std::vector<Access> trace;  // memory counters only
 };
 
 struct Allocation {
@@ -59,6 +105,12 @@ struct Runtime {
   unsigned char* shared = nullptr;
   size_t shared_bytes = 0;
   int64_t block = -1;
+  // memory counters
+  bool counting = false;
+  std::string label;
+  std::vector<LaunchCounters> counters;
+  std::unordered_set<uint64_t> launch_sectors;
+  SectorLru l2{kL2Bytes / 32};
 };
 
 Runtime& rt() {
@@ -173,6 +225,10 @@ void try_complete_shuffle(int warp_base, int warp_lanes) {
   for (int l = 0; l < warp_lanes; ++l) {
     if ((first->mask >> l) & 1u) release(warp_base + l);
   }
+  if (r.counting) {
+    r.counters.back().shuffles += 1;
+    r.counters.back().shuffle_lanes += std::popcount(first->mask);
+  }
 }
 
 void try_complete_barrier() {
@@ -185,6 +241,58 @@ void try_complete_barrier() {
   for (size_t t = 0; t < r.fibers.size(); ++t) {
     r.fibers[t].predicate = predicate;
     release(static_cast<int>(t));
+  }
+  if (r.counting) r.counters.back().barriers += 1;
+}
+
+// Pairs the logged accesses of each warp of the finished block into warp instructions (see simt.h) and adds
+// them to the launch's counters, the unique-sector set and the L2 model.
+void count_block() {
+  Runtime& r = rt();
+  LaunchCounters& c = r.counters.back();
+  struct Request {
+    AccessClass cls;
+    int64_t lanes = 0, bytes = 0;
+    std::vector<uint64_t> sectors;
+    std::vector<std::pair<uintptr_t, uintptr_t>> ranges;  // [begin, end) of each lane's access
+  };
+  const int threads = static_cast<int>(r.fibers.size());
+  for (int warp_base = 0; warp_base < threads; warp_base += 32) {
+    std::map<std::pair<uint64_t, int64_t>, Request> requests;  // (site, occurrence) -> request
+    for (int t = warp_base; t < std::min(warp_base + 32, threads); ++t) {
+      std::unordered_map<uint64_t, int64_t> occurrence;
+      for (const Access& a : r.fibers[t].trace) {
+        Request& q = requests[{a.site, occurrence[a.site]++}];
+        q.cls = a.cls;
+        q.lanes += 1;
+        q.bytes += a.bytes;
+        q.ranges.emplace_back(a.addr, a.addr + a.bytes);
+        for (uint64_t s = a.addr / 32; s <= (a.addr + a.bytes - 1) / 32; ++s) {
+          q.sectors.push_back(s);
+          r.launch_sectors.insert(s);
+          if (!r.l2.touch(s)) c.l2_miss_sectors += 1;
+        }
+      }
+      r.fibers[t].trace.clear();
+    }
+    for (auto& [key, q] : requests) {
+      AccessCounts& k = q.cls == AccessClass::kLoad ? c.load : (q.cls == AccessClass::kStore ? c.store : c.atomic);
+      std::sort(q.sectors.begin(), q.sectors.end());
+      k.requests += 1;
+      k.lane_accesses += q.lanes;
+      k.bytes += q.bytes;
+      k.sectors += std::unique(q.sectors.begin(), q.sectors.end()) - q.sectors.begin();
+      // Perfect coalescing: the distinct bytes of the request (lanes reading the same row count once), packed.
+      std::sort(q.ranges.begin(), q.ranges.end());
+      int64_t distinct = 0;
+      uintptr_t covered = 0;
+      for (const auto& [b, e] : q.ranges) {
+        const uintptr_t from = std::max(b, covered);
+        if (e > from) distinct += static_cast<int64_t>(e - from);
+        covered = std::max(covered, e);
+      }
+      k.ideal_sectors += (distinct + 31) / 32;
+    }
   }
 }
 
@@ -236,7 +344,10 @@ void run_block(int threads) {
         barrier |= f.state == State::kBarrier;
         exited |= f.state == State::kExited;
       }
-      if (all_exited) return;
+      if (all_exited) {
+        if (r.counting) count_block();
+        return;
+      }
       r.error = barrier && exited ? "deadlock: __syncthreads waits for threads that exited\n" + thread_states()
                                   : "deadlock: no thread can proceed\n" + thread_states();
       return;
@@ -310,7 +421,17 @@ void check_access(const void* ptr, size_t bytes, const char* kind, size_t alignm
   auto it = r.allocations.upper_bound(a);
   if (it != r.allocations.begin()) {
     --it;
-    if (a >= it->second.begin && a + bytes <= it->second.end) return;
+    if (a >= it->second.begin && a + bytes <= it->second.end) {
+      if (r.counting && r.in_launch && r.current >= 0) {
+        const AccessClass cls = std::strncmp(kind, "atomic", 6) == 0    ? AccessClass::kAtomic
+                                : std::strstr(kind, "store") != nullptr ? AccessClass::kStore
+                                                                        : AccessClass::kLoad;
+        const uint64_t site = (reinterpret_cast<uintptr_t>(kind) * 0x9E3779B97F4A7C15ull) ^ (uint64_t{bytes} << 56) ^
+                              (it->second.begin * 0xC2B2AE3D27D4EB4Full);
+        r.fibers[r.current].trace.push_back(Access{site, a, static_cast<uint32_t>(bytes), cls});
+      }
+      return;
+    }
   }
   os << kind << " of " << bytes << " bytes at " << ptr << " is outside every allocation";
   if (it != r.allocations.end() && a >= it->second.begin) {
@@ -321,6 +442,14 @@ void check_access(const void* ptr, size_t bytes, const char* kind, size_t alignm
 }
 
 unsigned char* dynamic_shared() { return rt().shared; }
+
+void set_counting(bool on) { rt().counting = on; }
+void set_launch_label(const std::string& label) { rt().label = label; }
+const std::vector<LaunchCounters>& launch_counters() { return rt().counters; }
+void reset_counters() {
+  rt().counters.clear();
+  rt().l2.clear();
+}
 
 void* guarded_alloc(size_t bytes, Placement placement, int fill, size_t misalign) {
   install_segv_handler();
@@ -438,6 +567,13 @@ void launch(int64_t blocks, int threads, size_t shared_bytes, void (*body)(void*
   r.body = body;
   r.body_arg = arg;
   r.error.clear();
+  if (r.counting) {
+    r.counters.push_back(LaunchCounters{});
+    r.counters.back().label = r.label;
+    r.counters.back().blocks = blocks;
+    r.counters.back().threads = threads;
+    r.launch_sectors.clear();
+  }
   r.in_launch = true;
   const unsigned int saved_csr = _mm_getcsr();
   if (r.config.ftz) _mm_setcsr(saved_csr | 0x8040);  // FTZ (bit 15) | DAZ (bit 6)
@@ -450,6 +586,7 @@ void launch(int64_t blocks, int threads, size_t shared_bytes, void (*body)(void*
     if (!r.error.empty()) break;
   }
   _mm_setcsr(saved_csr);
+  if (r.counting) r.counters.back().unique_sectors = static_cast<int64_t>(r.launch_sectors.size());
   r.in_launch = false;
   r.current = -1;
   for (Fiber& f : r.fibers) munmap(f.stack, kStackBytes);

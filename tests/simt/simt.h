@@ -7,6 +7,14 @@
 // allocations (simt.cpp); plain loads outside an allocation hit a PROT_NONE guard page and are reported by the
 // SIGSEGV handler. Not emulated: per-instruction interleaving inside a segment between sync points, the memory
 // model / hardware atomicity beyond sequential consistency, timing and performance.
+//
+// Memory counters (set_counting(true); benchmarks/bench_static_counters.py reads them): every access that goes
+// through check_access (the kernels' vector loads/stores, every atomic) is logged per lane; at the end of a block
+// the k-th access of a lane at one site (access kind, width, allocation) is paired with the k-th access of every
+// other lane of its warp at that site: one warp instruction ("request"), whose distinct 32-byte sectors are
+// counted. Lanes of a warp that take different branches around an access are paired by order, which the hardware
+// would not do (it issues the instruction once, predicated): exact when the warp's lanes run the same accesses.
+// Plain scalar loads/stores (x, y, a, level tables, lane 0's gradient stores) are not seen.
 #pragma once
 
 #define DDETR_SIMT 1
@@ -19,6 +27,7 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 // ---- CUDA keywords and types, defined away or emulated ------------------------------------------------------------
 #define __global__ inline
@@ -70,6 +79,31 @@ int arch();
 void check_access(const void* ptr, size_t bytes, const char* kind, size_t alignment = 0);
 
 unsigned char* dynamic_shared();
+
+// ---- Memory counters ----------------------------------------------------------------------------------------------
+struct AccessCounts {
+  int64_t requests = 0;       // warp instructions
+  int64_t lane_accesses = 0;  // active lanes summed over the requests
+  int64_t bytes = 0;          // bytes requested by the lanes
+  int64_t sectors = 0;        // distinct 32-byte sectors per request, summed
+  int64_t ideal_sectors = 0;  // ceil(distinct bytes of the request / 32): perfectly coalesced
+};
+
+struct LaunchCounters {
+  std::string label;  // what the Device policy named the launch (kernel|dtype|VEC|group|tiles|arch)
+  int64_t blocks = 0, threads = 0;
+  AccessCounts load, store, atomic;
+  int64_t shuffles = 0;         // completed warp-level shuffle instructions
+  int64_t shuffle_lanes = 0;    // lanes taking part in them
+  int64_t barriers = 0;         // completed block-wide __syncthreads
+  int64_t unique_sectors = 0;   // distinct 32-byte sectors this launch touched (compulsory traffic)
+  int64_t l2_miss_sectors = 0;  // misses of an LRU model of a 50 MB L2 kept across the launches since the reset
+};
+
+void set_counting(bool on);
+void set_launch_label(const std::string& label);
+const std::vector<LaunchCounters>& launch_counters();
+void reset_counters();
 
 // Guarded host memory: PROT_NONE pages on both sides, `placement` inside, poison-filled unless `fill` >= 0.
 // `misalign` (aligned placement only) offsets the start from a 512-byte boundary.
@@ -143,13 +177,15 @@ T atomicAdd(T* address, T value) {
   simt::check_access(address, sizeof(T), "atomicAdd");
   return std::atomic_ref<T>(*address).fetch_add(value);
 }
+// One check (one counted instruction) per vector atomic, as the hardware issues one RED for it.
 inline float2 atomicAdd(float2* address, float2 value) {
   simt::check_access(address, sizeof(float2), "atomicAdd(float2)");
   float* p = &address->x;
-  return float2{atomicAdd(p, value.x), atomicAdd(p + 1, value.y)};
+  return float2{std::atomic_ref<float>(p[0]).fetch_add(value.x), std::atomic_ref<float>(p[1]).fetch_add(value.y)};
 }
 inline float4 atomicAdd(float4* address, float4 value) {
   simt::check_access(address, sizeof(float4), "atomicAdd(float4)");
   float* p = &address->x;
-  return float4{atomicAdd(p, value.x), atomicAdd(p + 1, value.y), atomicAdd(p + 2, value.z), atomicAdd(p + 3, value.w)};
+  return float4{std::atomic_ref<float>(p[0]).fetch_add(value.x), std::atomic_ref<float>(p[1]).fetch_add(value.y),
+                std::atomic_ref<float>(p[2]).fetch_add(value.z), std::atomic_ref<float>(p[3]).fetch_add(value.w)};
 }

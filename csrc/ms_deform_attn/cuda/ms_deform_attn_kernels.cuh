@@ -18,6 +18,7 @@
 #include <ATen/OpMathType.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "ms_deform_attn/cuda/ms_deform_attn_launch.h"
 #include "ms_deform_attn/cuda/ms_deform_attn_vec.cuh"
@@ -58,8 +59,11 @@ __device__ __forceinline__ int64_t head_row(int64_t item, int64_t Q, int64_t M, 
   return (n * Q + q) * M + m;
 }
 
+// Register caps: 64 for float (4 blocks of 256 threads per SM, 50 %; uncapped 72 on sm_80 and sm_90), 80 otherwise
+// (3 blocks, 37.5 %; the 8-wide half-precision instances take 89-91 uncapped on sm_90). The spills this costs stay
+// outside the per-sample loop (benchmarks/NOTES.md, "Tuning driven by these facts").
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, (std::is_same_v<scalar_t, float> ? 4 : 3))
     forward_kernel(const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes,
                    const int64_t* __restrict__ starts, const at::opmath_type<scalar_t>* __restrict__ locations,
                    const at::opmath_type<scalar_t>* __restrict__ weights, scalar_t* __restrict__ out, Sizes s,
@@ -314,7 +318,9 @@ __global__ void __launch_bounds__(kThreads)
         const Level lv = read_level(shapes, starts, l, s.S);
         const Corners<acc_t> c =
             sample_corners<acc_t>(locations[2 * sample], locations[2 * sample + 1], lv.H, lv.W, s.discrete);
-        const acc_t coeff = weights[sample] * c.weight[k];
+        // A run-time index into c.weight would keep the whole Corners struct in local memory: select instead.
+        const acc_t corner_weight = k == 0 ? c.weight[0] : k == 1 ? c.weight[1] : k == 2 ? c.weight[2] : c.weight[3];
+        const acc_t coeff = weights[sample] * corner_weight;
         acc_t g[VEC];
         load_vec<acc_t, scalar_t, VEC>(grad_out + row * D + d0, g);
 #pragma unroll
