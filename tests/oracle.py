@@ -8,36 +8,68 @@ from __future__ import annotations
 import torch
 
 
-def ms_deform_attn_oracle(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+def ms_deform_attn_oracle(
+    value,
+    spatial_shapes,
+    level_start_index,
+    sampling_locations,
+    attention_weights,
+    *,
+    points_per_level=None,
+    sampling="bilinear",
+):
+    """The contract in float64. Without ``points_per_level``: locations (N, Q, M, L, P, 2), weights (N, Q, M, L, P);
+    with it: locations (N, Q, M, K, 2), weights (N, Q, M, K), the first P_0 points on level 0, and so on."""
     value = value.double()
     locations = sampling_locations.double()
     weights = attention_weights.double()
     N, S, M, D = value.shape
-    Q, P = locations.shape[1], locations.shape[4]
+    Q = locations.shape[1]
+    L = spatial_shapes.shape[0]
+    if points_per_level is None:
+        counts = [locations.shape[4]] * L
+        locations, weights = locations.flatten(3, 4), weights.flatten(3, 4)
+    else:
+        counts = [int(p) for p in points_per_level]
     out = value.new_zeros((N, Q, M, D))
     for level, (H, W) in enumerate(spatial_shapes.tolist()):
-        if H == 0 or W == 0 or N * Q == 0:
+        P = counts[level]
+        first = sum(counts[:level])  # this level's points: [first, first + P)
+        last = first + P
+        if H == 0 or W == 0 or N * Q == 0 or P == 0:
             continue
         start = int(level_start_index[level])
         level_value = value[:, start : start + H * W].permute(0, 2, 1, 3)  # (N, M, H*W, D)
-        x = locations[:, :, :, level, :, 0] * W - 0.5  # (N, Q, M, P)
-        y = locations[:, :, :, level, :, 1] * H - 0.5
-        x0, y0 = torch.floor(x), torch.floor(y)
-        fx, fy = x - x0, y - y0
-        a = weights[:, :, :, level, :]
-        for dy, dx, bilinear in (
-            (0, 0, (1 - fy) * (1 - fx)),
-            (0, 1, (1 - fy) * fx),
-            (1, 0, fy * (1 - fx)),
-            (1, 1, fy * fx),
-        ):
-            yi, xi = (y0 + dy).long(), (x0 + dx).long()
-            inside = (yi >= 0) & (yi < H) & (xi >= 0) & (xi < W)
+        loc_x, loc_y = locations[:, :, :, first:last, 0], locations[:, :, :, first:last, 1]  # (N, Q, M, P)
+        a = weights[:, :, :, first:last]
+        if sampling == "discrete":
+            # Nearest pixel, round half up, clamped to the map; a gather: locations get no gradient.
+            xi = torch.clamp(torch.floor(loc_x.detach() * W + 0.5), 0, W - 1).long()
+            yi = torch.clamp(torch.floor(loc_y.detach() * H + 0.5), 0, H - 1).long()
+            corners = ((yi, xi, a, torch.ones_like(a, dtype=torch.bool)),)
+        else:
+            x, y = loc_x * W - 0.5, loc_y * H - 0.5
+            x0, y0 = torch.floor(x), torch.floor(y)
+            fx, fy = x - x0, y - y0
+            corners = []
+            for dy, dx, bilinear in (
+                (0, 0, (1 - fy) * (1 - fx)),
+                (0, 1, (1 - fy) * fx),
+                (1, 0, fy * (1 - fx)),
+                (1, 1, fy * fx),
+            ):
+                yi, xi = (y0 + dy).long(), (x0 + dx).long()
+                inside = (yi >= 0) & (yi < H) & (xi >= 0) & (xi < W)
+                corners.append((yi, xi, a * bilinear, inside))
+        for yi, xi, coeff, inside in corners:
             index = (yi.clamp(0, H - 1) * W + xi.clamp(0, W - 1)).permute(0, 2, 1, 3).reshape(N, M, Q * P)
             corner = torch.gather(level_value, 2, index[..., None].expand(-1, -1, -1, D))
             corner = corner.reshape(N, M, Q, P, D).permute(0, 2, 1, 3, 4)  # (N, Q, M, P, D)
-            coeff = torch.where(inside, a * bilinear, torch.zeros_like(a))
+            coeff = torch.where(inside, coeff, torch.zeros_like(coeff))
             out = out + (coeff[..., None] * corner).sum(3)
+    if sampling == "discrete":
+        # Zero location gradients of the locations' shape (nan_to_num: an infinite location clamps, adds no NaN).
+        out = out + (locations.nan_to_num(0.0, 0.0, 0.0) * 0).sum((-1, -2))[..., None]
     return out.reshape(N, Q, M * D)
 
 
@@ -64,6 +96,21 @@ def make_inputs(N, shapes, M, D, Q, P, dtype=torch.float32, device="cpu", spread
     return value, spatial_shapes, level_start_index, locations, weights
 
 
+def make_points_inputs(N, shapes, M, D, Q, counts, dtype=torch.float32, spread=(-0.2, 1.2), seed=0):
+    """Random inputs of the points layout: locations (N, Q, M, K, 2), weights (N, Q, M, K), K = sum(counts)."""
+    value, spatial_shapes, level_start_index, locations, weights = make_inputs(
+        N, shapes, M, D, Q, sum(counts), dtype=dtype, spread=spread, seed=seed
+    )
+    # Level 0's draw has K points: take it as the K points of every level (any numbers will do).
+    return (
+        value,
+        spatial_shapes,
+        level_start_index,
+        locations[:, :, :, 0].contiguous(),
+        weights[:, :, :, 0].contiguous(),
+    )
+
+
 def rel_err(actual, expected) -> float:
     """max |actual - expected| / max |expected|: a relative error that near-zero entries cannot blow up."""
     return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp_min(1e-12)).item()
@@ -77,10 +124,10 @@ def output_and_grads(fn, value, spatial_shapes, level_start_index, locations, we
     return out.detach(), [t.grad for t in inputs]
 
 
-def oracle_output_and_grads(value, spatial_shapes, level_start_index, locations, weights, grad_out):
-    """The oracle's output and gradients, everything in float64."""
+def oracle_output_and_grads(value, spatial_shapes, level_start_index, locations, weights, grad_out, **layout):
+    """The oracle's output and gradients, everything in float64 (``layout``: points_per_level / sampling)."""
     return output_and_grads(
-        ms_deform_attn_oracle,
+        lambda *a: ms_deform_attn_oracle(*a, **layout),
         value.double(),
         spatial_shapes,
         level_start_index,

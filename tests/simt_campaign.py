@@ -1,7 +1,7 @@
 """Long SIMT-emulator campaign (`make test-emulated`): random MSDA cases and LSAP problems through the real CUDA
 device code on the CPU (tests/simt/), each judged as in the quick campaign (simt_msda_check.py,
 simt_lsap_check.py), then the coverage table (kernel x dtype x VEC x group x tiles x arch -> launches) and the
-max errors per dtype. Usage: python tests/simt_campaign.py [--msda 2000] [--lsap 1000] [--seed 0]"""
+max errors per dtype. Cases cover both layouts (uniform P, points_per_level) and both sampling modes. Usage: python tests/simt_campaign.py [--msda 2000] [--lsap 1000] [--seed 0]"""
 
 from __future__ import annotations
 
@@ -42,6 +42,13 @@ def random_msda_case(rng: random.Random, i: int):
         min_threads=rng.choice((0, 1)),
         view=offset_view if rng.random() < 0.15 else None,
     )
+    # The op's layouts: points per level (some P_l = 0), discrete sampling, and empty (0 x W) levels.
+    if rng.random() < 0.3:
+        config["counts"] = [rng.randint(0, 4) for _ in range(L)]
+    if rng.random() < 0.3:
+        config["discrete"] = True
+    if rng.random() < 0.1:
+        shapes[rng.randrange(L)] = (0, rng.randint(1, 3))
     return (N, Q, M, D, shapes, P, dtype), config
 
 

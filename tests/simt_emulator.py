@@ -33,8 +33,9 @@ def load():
     )
 
 
-def run(fn: str, *args, seed=0, poison=0xA5, placement="aligned", arch=900, min_threads=0):
-    """Call entry point ``fn`` of the emulator under one configuration (min_threads=0: the real threshold)."""
+def run(fn: str, *args, seed=0, poison=0xA5, placement="aligned", arch=900, min_threads=0, **op_kwargs):
+    """Call entry point ``fn`` of the emulator under one configuration (min_threads=0: the real threshold);
+    ``op_kwargs`` go to the entry point (the MSDA ops' ``point_start`` / ``discrete``)."""
     ext = load()
     ext.configure(seed, poison, PLACEMENTS[placement], arch, min_threads)
-    return getattr(ext, fn)(*args)
+    return getattr(ext, fn)(*args, **op_kwargs)

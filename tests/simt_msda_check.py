@@ -6,7 +6,11 @@ campaign) and tests/simt_campaign.py (long campaign)."""
 
 from __future__ import annotations
 
+import functools
+import itertools
+
 import torch
+from oracle import ms_deform_attn_oracle
 from simt_emulator import run
 from test_msda_cuda import REL_TOL, assert_close_to_oracle, forward_backward, max_err, oracle, random_inputs
 
@@ -17,8 +21,11 @@ SCHEDULES = ((1, 0xA5), (2, 0x5A))
 
 
 def emulated(inputs, grad_output, deterministic, seed, poison, **config):
-    value, shapes, starts, locations, weights = inputs
-    out = run("ms_deform_attn", value, shapes, starts, locations, weights, seed=seed, poison=poison, **config)
+    """``inputs``: the five op tensors, optionally followed by the layout (point_start or None, discrete)."""
+    value, shapes, starts, locations, weights = inputs[:5]
+    layout = dict(zip(("point_start", "discrete"), inputs[5:]))
+    config = dict(config, seed=seed, poison=poison)
+    out = run("ms_deform_attn", value, shapes, starts, locations, weights, **layout, **config)
     grads = run(
         "ms_deform_attn_backward",
         grad_output,
@@ -28,8 +35,7 @@ def emulated(inputs, grad_output, deterministic, seed, poison, **config):
         locations,
         weights,
         deterministic,
-        seed=seed,
-        poison=poison,
+        **layout,
         **config,
     )
     return [out, *grads]
@@ -57,15 +63,36 @@ def emulate_all(inputs, grad_output, repeat=True, **config):
     return results
 
 
-def check_case(N, Q, M, D, shapes, P, dtype, seed=0, view=None, repeat=True, **config):
-    """Runs one case, asserts it, returns {output name: max abs error vs the oracle}."""
-    inputs = list(random_inputs(N, Q, M, D, shapes, P, dtype, device="cpu", seed=seed))
+def layout_inputs(N, Q, M, D, shapes, P, dtype, seed=0, counts=None, discrete=False):
+    """random_inputs plus the layout: ``counts`` (points per level) gives locations (N, Q, M, K, 2), weights
+    (N, Q, M, K) and an (L + 1,) point_start table; returns (inputs + [point_start, discrete], oracle, reference)."""
+    K = sum(counts) if counts is not None else P
+    inputs = list(random_inputs(N, Q, M, D, shapes, K, dtype, device="cpu", seed=seed))
+    point_start = None
+    if counts is not None:
+        # Level 0's draw of K points serves as the K points of the row (any numbers will do).
+        inputs[3], inputs[4] = inputs[3][:, :, :, 0].contiguous(), inputs[4][:, :, :, 0].contiguous()
+        point_start = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int64)
+    layout = dict(points_per_level=counts, sampling="discrete" if discrete else "bilinear")
+    fn = functools.partial(ms_deform_attn_oracle, **layout)
+    ref = functools.partial(ms_deform_attn_reference, **layout)
+    return [*inputs, point_start, discrete], fn, ref
+
+
+def check_case(N, Q, M, D, shapes, P, dtype, seed=0, view=None, repeat=True, counts=None, discrete=False, **config):
+    """Runs one case, asserts it, returns {output name: max abs error vs the oracle}. ``counts`` / ``discrete``:
+    the op's points_per_level layout (P is then ignored) and discrete sampling, judged by tests/oracle.py."""
+    if counts is None and not discrete:
+        inputs = list(random_inputs(N, Q, M, D, shapes, P, dtype, device="cpu", seed=seed))
+        fn, ref_fn = oracle, ms_deform_attn_reference
+    else:
+        inputs, fn, ref_fn = layout_inputs(N, Q, M, D, shapes, P, dtype, seed, counts, discrete)
     if view is not None:
         inputs = view(inputs)
     grad_output = torch.randn(N, Q, M * D, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
     grad_output = grad_output.to(dtype)
-    want = forward_backward(oracle, inputs, grad_output, as_double=True)
-    ref = forward_backward(ms_deform_attn_reference, inputs, grad_output) if dtype != torch.float64 else want
+    want = forward_backward(fn, inputs[:5], grad_output, as_double=True)
+    ref = forward_backward(ref_fn, inputs[:5], grad_output) if dtype != torch.float64 else want
     results = emulate_all(inputs, grad_output, repeat=repeat, **config)
     errors = {}
     for got in results.values():
@@ -94,7 +121,7 @@ def launch_shape_cases(dtype):
     return cases
 
 
-__all__ = ["SCHEDULES", "check_case", "emulate_all", "launch_shape_cases", "max_vec", "bitwise_equal"]
+__all__ = ["SCHEDULES", "check_case", "emulate_all", "launch_shape_cases", "layout_inputs", "max_vec", "bitwise_equal"]
 
 
 def offset_view(inputs):

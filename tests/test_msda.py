@@ -266,8 +266,11 @@ def test_malformed_input_raises_naming_argument(backend, kind):
     ],
 )
 def test_raw_op_rejects_malformed_input(kind):
-    # Direct torch.ops calls skip the Python wrapper; the C++ checks must still refuse (no crash, no garbage).
-    with pytest.raises(RuntimeError, match=BAD_INPUTS[kind]):
+    # Direct torch.ops calls skip the Python wrapper; the C++ checks must still refuse (no crash, no garbage),
+    # with the exception type the wrapper raises for the same fault (TORCH_CHECK_TYPE / TORCH_CHECK_VALUE).
+    with pytest.raises((ValueError, TypeError)) as from_python:
+        dd.ms_deform_attn(*_mutate(kind), backend="cpu")
+    with pytest.raises(from_python.type, match=BAD_INPUTS[kind]):
         torch.ops.deformable_detr.ms_deform_attn(*_mutate(kind))
 
 

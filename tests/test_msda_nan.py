@@ -192,7 +192,8 @@ def test_non_finite_rule_compiled_reference():
 
 class _Emulated(torch.autograd.Function):
     """The CUDA op's host flow and kernels run by the SIMT emulator, as an autograd function of (value, locations,
-    weights); ``config``: the emulator's run() options (schedule seed, launch threshold, ...)."""
+    weights); ``config``: the emulator's run() options (schedule seed, launch threshold, ...) and the op's
+    ``point_start`` / ``discrete``."""
 
     @staticmethod
     def forward(ctx, value, spatial_shapes, level_start_index, locations, weights, deterministic, config):
@@ -256,3 +257,48 @@ def test_non_finite_rule_gpu(backend, dtype, deterministic):
             assert_follows_rule(fn, dtype, D=32, check_values=dtype == torch.float32, empty_level=empty_level)
     finally:
         torch.use_deterministic_algorithms(previous)
+
+
+def _every_level_empty_inputs():
+    """Issue 21 item 7: S = 0 (every level 0 x W); sample 0 has a NaN y, sample 1 a NaN weight."""
+    value = torch.randn(1, 0, 1, 4, dtype=torch.float64)
+    shapes, starts = torch.tensor([[0, 1]]), torch.tensor([0])
+    loc = torch.tensor([[0.5, NAN], [0.3, 0.3]], dtype=torch.float64).view(1, 1, 1, 1, 2, 2)
+    weights = torch.tensor([1.0, NAN], dtype=torch.float64).view(1, 1, 1, 1, 2)
+    return value, shapes, starts, loc, weights
+
+
+def assert_rule_when_every_level_is_empty(fn, discrete):
+    value, shapes, starts, loc, weights = (t.requires_grad_(t.is_floating_point()) for t in _every_level_empty_inputs())
+    out = fn(value, shapes, starts, loc, weights)
+    assert out.shape == (1, 1, 4) and bool(out.isnan().all())
+    out.backward(torch.ones_like(out))
+    grad_loc, grad_w = loc.grad.view(2, 2), weights.grad.view(2)
+    assert bool(grad_loc[0].isnan().all()), "NaN location: NaN location gradient"
+    # Sample 1 (NaN weight, empty level): a * 0 = NaN for bilinear; discrete sampling has no location gradient.
+    assert bool(grad_loc[1].isnan().all()) if not discrete else bool((grad_loc[1] == 0).all())
+    assert bool(grad_w[0].isnan()) and grad_w[1].item() == 0
+    assert value.grad is not None and value.grad.shape == value.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sampling", ["bilinear", "discrete"])
+def test_nan_rule_when_every_level_is_empty(backend, sampling):
+    """Failed first on the CPU backend: its backward returned early with zero gradients when value was empty."""
+
+    def fn(*args):
+        return dd.ms_deform_attn(*args, backend=backend, sampling=sampling)
+
+    assert_rule_when_every_level_is_empty(fn, sampling == "discrete")
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "deterministic"])
+@pytest.mark.parametrize("sampling", ["bilinear", "discrete"])
+def test_nan_rule_when_every_level_is_empty_emulated_cuda(deterministic, sampling):
+    """Failed first: the CUDA host backward_on returned early with zero gradients when value was empty."""
+    config = {"discrete": sampling == "discrete"}
+
+    def fn(value, ss, lsi, loc, attn):
+        return _Emulated.apply(value, ss, lsi, loc, attn, deterministic, config)
+
+    assert_rule_when_every_level_is_empty(fn, sampling == "discrete")

@@ -66,6 +66,49 @@ def test_views_offset_and_non_contiguous(dtype):
             check_case(2, 6, 2, 16, [(5, 4), (2, 3)], 3, dtype, view=view, placement=placement, min_threads=1)
 
 
+# (N, Q, M, D, level shapes, points per level): D-FINE's ragged decoder points; a P_l = 0 level, an empty (0 x W)
+# level and 1x1 levels.
+LAYOUT_CASES = {
+    "dfine": (2, 7, 2, 8, [(6, 4), (3, 5), (2, 2)], [3, 6, 3]),
+    "zero_points_empty_level": (1, 5, 3, 5, [(4, 4), (0, 3), (2, 3), (1, 1)], [2, 2, 0, 3]),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
+@pytest.mark.parametrize("sampling", ["bilinear", "discrete"])
+@pytest.mark.parametrize("case", list(LAYOUT_CASES))
+def test_points_per_level_and_discrete(case, sampling, dtype):
+    """points_per_level (point_start table) and sampling="discrete" through the forward, both backward paths
+    and the deterministic key / gather kernels, at the real threshold and with the widest vectors."""
+    N, Q, M, D, shapes, counts = LAYOUT_CASES[case]
+    discrete = sampling == "discrete"
+    check_case(N, Q, M, D, shapes, None, dtype, counts=counts, discrete=discrete, placement=PLACEMENTS[len(case) % 3])
+    check_case(N, Q, M, 16, shapes, None, dtype, seed=1, counts=counts, discrete=discrete, min_threads=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
+def test_discrete_uniform_layout(dtype):
+    check_case(2, 6, 2, 16, [(5, 4), (2, 3), (1, 1)], 3, dtype, discrete=True, min_threads=1, placement="flush_end")
+
+
+def test_discrete_ties_borders_and_infinities():
+    """Round half up at pixel boundaries (exact in binary for W = H = 4), border clamp, +-inf clamped to the
+    border: the gathered pixel equals the oracle's, both backward paths; location gradients exactly 0."""
+    shapes, starts = torch.tensor([[4, 4]]), torch.tensor([0])
+    value = torch.arange(16, dtype=torch.float64).reshape(1, 16, 1, 1)
+    xs = [0.125, 0.375, 0.3749, -3.0, 7.0, float("inf"), float("-inf"), 1.0]
+    loc = torch.tensor([[x, 0.625] for x in xs], dtype=torch.float64).reshape(1, len(xs), 1, 1, 2)
+    weights = torch.ones(1, len(xs), 1, 1, dtype=torch.float64)
+    point_start = torch.tensor([0, 1])
+    grad_output = torch.ones(1, len(xs), 1, dtype=torch.float64)
+    for out, grad_value, grad_loc, grad_w in emulate_all(
+        [value, shapes, starts, loc, weights, point_start, True], grad_output
+    ).values():
+        assert out.flatten().tolist() == [12 + x for x in (1, 2, 1, 0, 3, 3, 0, 3)]
+        assert not grad_loc.any() and grad_w.flatten().tolist() == out.flatten().tolist()
+        assert grad_value.flatten().tolist() == [0.0] * 12 + [2.0, 2.0, 1.0, 3.0]
+
+
 def test_partial_last_block_and_many_blocks():
     """N * Q * M not a multiple of the groups per block, several blocks in random order."""
     check_case(2, 37, 3, 4, [(4, 5), (2, 2)], 2, torch.float32, min_threads=1)

@@ -5,18 +5,20 @@
 
 #include <cmath>
 #include <cstdio>
+#include <optional>
 
 int main() {
   auto op = c10::Dispatcher::singleton()
                 .findSchemaOrThrow("deformable_detr::ms_deform_attn", "")
                 .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                  const at::Tensor&)>();
+                                  const at::Tensor&, const std::optional<at::Tensor>&, bool)>();
   const auto value = at::arange(4, at::kFloat).view({1, 4, 1, 1});  // N=1, S=4, M=1, D=1: values 0,1,2,3
   const auto shapes = at::tensor({2, 2}, at::kLong).view({1, 2});
   const auto starts = at::zeros({1}, at::kLong);
   const auto locations = at::full({1, 1, 1, 1, 1, 2}, 0.5, at::kFloat);
   const auto weights = at::full({1, 1, 1, 1, 1}, 2.0, at::kFloat);
-  const auto out = op.call(value, shapes, starts, locations, weights);
+  // point_start = nullopt, discrete = false: the uniform layout, bilinear sampling.
+  const auto out = op.call(value, shapes, starts, locations, weights, std::nullopt, false);
   const float got = out.item<float>();
   const float expected = 2.0f * 1.5f;
   if (out.sizes() != at::IntArrayRef({1, 1, 1}) || std::fabs(got - expected) > 1e-6f) {

@@ -83,6 +83,41 @@ MSDA_HOST_DEVICE_INLINE Corners<acc_t> bilinear_corners(acc_t x, acc_t y, int64_
   return c;
 }
 
+// sampling="discrete": the nearest pixel, ix = clamp(floor(x * W + 0.5), 0, W - 1), same for y, border-clamped,
+// as one corner of weight 1 (corner 0; the others invalid). Every location of a non-empty level reads a pixel,
+// +-inf included (the clamp runs in floating point, before the integer conversion, so it is defined); only a
+// NaN location or an empty level gives !any. No location gradient: lh = lw = 0, and the kernels write 0.
+template <typename acc_t>
+MSDA_HOST_DEVICE_INLINE Corners<acc_t> nearest_corner(acc_t x, acc_t y, int64_t H, int64_t W) {
+  Corners<acc_t> c;
+  MSDA_UNROLL
+  for (int k = 0; k < 4; ++k) {
+    c.weight[k] = 0;
+    c.offset[k] = 0;
+    c.valid[k] = false;
+  }
+  c.lh = 0;
+  c.lw = 0;
+  c.any = (H > 0) && (W > 0) && x == x && y == y;
+  if (!c.any) return c;
+  const acc_t half = static_cast<acc_t>(0.5);
+  acc_t fx = floor(x * static_cast<acc_t>(W) + half);
+  acc_t fy = floor(y * static_cast<acc_t>(H) + half);
+  const acc_t max_x = static_cast<acc_t>(W - 1), max_y = static_cast<acc_t>(H - 1);
+  fx = fx < static_cast<acc_t>(0) ? static_cast<acc_t>(0) : (fx > max_x ? max_x : fx);
+  fy = fy < static_cast<acc_t>(0) ? static_cast<acc_t>(0) : (fy > max_y ? max_y : fy);
+  c.weight[0] = 1;
+  c.offset[0] = static_cast<int64_t>(fy) * W + static_cast<int64_t>(fx);
+  c.valid[0] = true;
+  return c;
+}
+
+// The corners of one sample in either sampling mode.
+template <typename acc_t>
+MSDA_HOST_DEVICE_INLINE Corners<acc_t> sample_corners(acc_t x, acc_t y, int64_t H, int64_t W, bool discrete) {
+  return discrete ? nearest_corner<acc_t>(x, y, H, W) : bilinear_corners<acc_t>(x, y, H, W);
+}
+
 // True when x or y is NaN. Call only where bilinear_corners() returned !any (the rule above): that keeps the
 // check off the hot path. x != x rather than isnan(): the same on host and device, and kept under fast-math
 // flags that do not assume finite math (nvcc --use_fast_math does not).

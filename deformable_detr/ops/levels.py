@@ -169,3 +169,123 @@ def _normalizer(entry: _Tables, spatial_shapes: torch.Tensor, device: torch.devi
 def clear_cache() -> None:
     """Drop every cached table (tests; or to release device copies early)."""
     _CACHE.clear()
+    _POINT_TABLES.clear()
+    _POINT_TENSORS.clear()
+
+
+# --- point tables (``points_per_level``): (L,) counts P_l -> (L+1,) int64 starts, checked once per table.
+
+
+class PointTable:
+    """One checked ``points_per_level``: ``counts`` (host tuple of P_l), ``uniform`` (P when every P_l is equal
+    and L > 0, else None: such a call runs the 6-D layout) and ``start_on(device)``, the (L+1,) int64 table
+    ``[0, P_0, P_0 + P_1, ..., K]`` the kernels read (made once per device)."""
+
+    __slots__ = ("counts", "uniform", "host_starts", "starts", "__weakref__")
+
+    def __init__(self, counts: tuple):
+        self.counts = counts
+        self.uniform = counts[0] if counts and all(p == counts[0] for p in counts) else None
+        starts, total = [0], 0
+        for p in counts:
+            total += p
+            starts.append(total)
+        self.host_starts = starts
+        self.starts: dict = {}
+
+    def start_on(self, device: torch.device) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # a graph constant, nothing cached
+            return torch.tensor(self.host_starts, dtype=torch.int64, device=device)
+        t = self.starts.get(device)
+        if t is None:
+            with torch.inference_mode(False):
+                t = torch.tensor(self.host_starts, dtype=torch.int64)
+                t = t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+            self.starts[device] = t
+        return t
+
+
+_POINT_TABLES: dict[tuple, PointTable] = {}
+# Tensor tables: id -> (weak reference, version, counts) so a device table is read (a sync) once.
+_POINT_TENSORS: dict[int, tuple] = {}
+
+
+def _point_counts(points_per_level, L: int) -> tuple:
+    """The counts as a tuple of Python ints, with TypeError/ValueError naming ``points_per_level``."""
+    if isinstance(points_per_level, torch.Tensor):
+        if points_per_level.dtype not in _INDEX_DTYPES:
+            raise TypeError(
+                f"ms_deform_attn: points_per_level must be an int64 (or int32) tensor, got {points_per_level.dtype}"
+            )
+        if points_per_level.dim() != 1:
+            raise ValueError(
+                f"ms_deform_attn: points_per_level must have shape (L,) = ({L},), got {tuple(points_per_level.shape)}"
+            )
+        if points_per_level.device.type == "meta":
+            raise ValueError("ms_deform_attn: points_per_level cannot be a meta tensor (its values set the layout)")
+        counts = tuple(points_per_level.tolist())
+    elif isinstance(points_per_level, (list, tuple)):
+        counts = []
+        for p in points_per_level:
+            if isinstance(p, bool) or not isinstance(p, int):
+                try:
+                    p = int(p.__index__())  # numpy / 0-d integer tensors
+                except (AttributeError, TypeError):
+                    raise TypeError(
+                        f"ms_deform_attn: points_per_level must hold integers, got {type(p).__name__} in "
+                        f"{list(points_per_level)!r}"
+                    ) from None
+            counts.append(p)
+        counts = tuple(counts)
+    else:
+        raise TypeError(
+            "ms_deform_attn: points_per_level must be a sequence of L ints or an (L,) int64 tensor, got "
+            f"{type(points_per_level).__name__}"
+        )
+    if len(counts) != L:
+        raise ValueError(
+            f"ms_deform_attn: points_per_level must have L = {L} entries (one per spatial_shapes row), got "
+            f"{len(counts)}: {list(counts)}"
+        )
+    if any(p < 0 for p in counts):
+        raise ValueError(f"ms_deform_attn: points_per_level must be non-negative, got {list(counts)}")
+    return counts
+
+
+def _tensor_counts(points_per_level: torch.Tensor, L: int) -> tuple:
+    if not _cacheable(points_per_level):
+        return _point_counts(points_per_level, L)
+    key = id(points_per_level)
+    entry = _POINT_TENSORS.get(key)
+    if entry is not None and entry[0]() is points_per_level and entry[1] == points_per_level._version:
+        counts = entry[2]
+        if len(counts) == L:
+            return counts
+    counts = _point_counts(points_per_level, L)
+    if len(_POINT_TENSORS) >= _MAX_ENTRIES:
+        del _POINT_TENSORS[next(iter(_POINT_TENSORS))]
+    _POINT_TENSORS[key] = (weakref.ref(points_per_level), points_per_level._version, counts)
+    return counts
+
+
+def prepare_points(points_per_level, L: int, K: int) -> PointTable:
+    """The checked point table of ``points_per_level`` (a length-L sequence or (L,) int tensor, P_l >= 0,
+    sum = K, the sampling_locations' point dimension). Sequences are keyed by value, tensors by identity and
+    version counter (as the level tables), so a model passing the same table to every layer checks it once."""
+    if isinstance(points_per_level, torch.Tensor) and not torch.compiler.is_compiling():
+        counts = _tensor_counts(points_per_level, L)
+    else:
+        counts = _point_counts(points_per_level, L)
+    if sum(counts) != K:
+        raise ValueError(
+            f"ms_deform_attn: points_per_level must sum to K = {K} (sampling_locations.shape[3]), got "
+            f"{list(counts)} (sum {sum(counts)})"
+        )
+    if torch.compiler.is_compiling():
+        return PointTable(counts)
+    table = _POINT_TABLES.get(counts)
+    if table is None:
+        if len(_POINT_TABLES) >= _MAX_ENTRIES:
+            del _POINT_TABLES[next(iter(_POINT_TABLES))]
+        table = _POINT_TABLES[counts] = PointTable(counts)
+    return table

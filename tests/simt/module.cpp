@@ -18,8 +18,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         c.min_threads_in_flight = min_threads_in_flight;
       },
       py::arg("seed"), py::arg("poison"), py::arg("placement"), py::arg("arch"), py::arg("min_threads_in_flight"));
-  m.def("ms_deform_attn", &simt::msda_forward);
-  m.def("ms_deform_attn_backward", &simt::msda_backward);
+  m.def("ms_deform_attn", &simt::msda_forward, py::arg("value"), py::arg("spatial_shapes"),
+        py::arg("level_start_index"), py::arg("sampling_locations"), py::arg("attention_weights"),
+        py::arg("point_start") = py::none(), py::arg("discrete") = false);
+  m.def("ms_deform_attn_backward", &simt::msda_backward, py::arg("grad_output"), py::arg("value"),
+        py::arg("spatial_shapes"), py::arg("level_start_index"), py::arg("sampling_locations"),
+        py::arg("attention_weights"), py::arg("deterministic"), py::arg("point_start") = py::none(),
+        py::arg("discrete") = false);
   m.def("batched_lsap", &simt::lsap, py::arg("cost"), py::arg("num_cols") = py::none());
   m.def("planted", &simt::planted);
   m.def("coverage", &simt::coverage);

@@ -7,6 +7,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <optional>
+
 #include "ms_deform_attn/cpu/ms_deform_attn_cpu_kernels.h"
 
 #define MSDA_CPU_ISA base
@@ -19,42 +21,51 @@ namespace {
 
 at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
                               const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-                              const at::Tensor& attention_weights) {
-  const Sizes s = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+                              const at::Tensor& attention_weights, const std::optional<at::Tensor>& point_start,
+                              bool discrete) {
+  const Sizes s = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                               point_start, discrete);
   check_levels_host(spatial_shapes, level_start_index, s.S);
+  if (point_start) check_points_host(*point_start, s.K);
   if (value.scalar_type() == at::kHalf) {
     // x86 has no cheap scalar fp16 -> fp32 conversion (bf16 is a shift): widening value once and running the fp32
     // kernel measured ~7x faster than converting at every corner read. Same numerics: fp32 math, one final rounding.
     return ms_deform_attn_cpu(value.to(at::kFloat), spatial_shapes, level_start_index, sampling_locations,
-                              attention_weights)
+                              attention_weights, point_start, discrete)
         .to(at::kHalf);
   }
   // Every element is written by the kernel (NaN, a sum, or 0 for rows with no sample in a map): no memset.
   auto out = at::empty({s.N, s.Q, s.M * s.D}, value.options());
   if (out.numel() == 0) return out;
-  const DenseInputs in = dense_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  const DenseInputs in =
+      dense_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, point_start);
+  const Sizes ks = in.with_points(s);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, value.scalar_type(), "ms_deform_attn_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto* fn = cpu_kernels_use_avx2() ? &avx2::forward<scalar_t> : &base::forward<scalar_t>;
     fn(in.value.data_ptr<scalar_t>(), in.spatial_shapes.data_ptr<int64_t>(), in.level_start_index.data_ptr<int64_t>(),
-       in.sampling_locations.data_ptr<acc_t>(), in.attention_weights.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), s);
+       in.sampling_locations.data_ptr<acc_t>(), in.attention_weights.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), ks);
   });
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
-  const Sizes s = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+    const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+    const std::optional<at::Tensor>& point_start, bool discrete) {
+  const Sizes s = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                               point_start, discrete);
   check_levels_host(spatial_shapes, level_start_index, s.S);
+  if (point_start) check_points_host(*point_start, s.K);
   check_grad_output(grad_output, value, s);
   if (value.scalar_type() == at::kHalf) {  // see ms_deform_attn_cpu: fp16 runs the fp32 kernel on widened copies
     auto [grad_value, grad_locations, grad_weights] =
         ms_deform_attn_backward_cpu(grad_output.to(at::kFloat), value.to(at::kFloat), spatial_shapes, level_start_index,
-                                    sampling_locations, attention_weights);
+                                    sampling_locations, attention_weights, point_start, discrete);
     return {grad_value.to(at::kHalf), grad_locations, grad_weights};
   }
-  if (s.N * s.Q * s.M == 0 || s.D == 0 || value.numel() == 0) {
+  // Every level empty (S = 0) still runs the kernel: the NaN rule gives NaN gradients to NaN samples there too.
+  if (s.N * s.Q * s.M == 0 || s.D == 0) {
     return {at::zeros_like(value, at::MemoryFormat::Contiguous),
             at::zeros_like(sampling_locations, at::MemoryFormat::Contiguous),
             at::zeros_like(attention_weights, at::MemoryFormat::Contiguous)};
@@ -72,14 +83,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   at::Tensor grad_value_acc = direct ? at::zeros_like(value, at::MemoryFormat::Contiguous)
                                      : at::zeros({chunks, s.N, s.S, s.M, s.D}, value.options().dtype(acc_dtype));
   const auto go_c = grad_output.contiguous();
-  const DenseInputs in = dense_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  const DenseInputs in =
+      dense_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, point_start);
+  const Sizes ks = in.with_points(s);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto* fn = cpu_kernels_use_avx2() ? &avx2::backward<scalar_t> : &base::backward<scalar_t>;
     fn(go_c.data_ptr<scalar_t>(), in.value.data_ptr<scalar_t>(), in.spatial_shapes.data_ptr<int64_t>(),
        in.level_start_index.data_ptr<int64_t>(), in.sampling_locations.data_ptr<acc_t>(),
        in.attention_weights.data_ptr<acc_t>(), grad_value_acc.data_ptr<acc_t>(), grad_locations.data_ptr<acc_t>(),
-       grad_weights.data_ptr<acc_t>(), s, chunks);
+       grad_weights.data_ptr<acc_t>(), ks, chunks);
   });
   at::Tensor grad_value = direct ? grad_value_acc : grad_value_acc.sum(0).to(value.scalar_type());
   return {grad_value, grad_locations, grad_weights};

@@ -235,11 +235,12 @@ void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t*
                     const at::opmath_type<scalar_t>* locations, const at::opmath_type<scalar_t>* weights, scalar_t* out,
                     const Sizes& s) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t N = s.N, S = s.S, M = s.M, L = s.L, P = s.P, Q = s.Q;
+  const int64_t N = s.N, S = s.S, M = s.M, L = s.L, K = s.K, Q = s.Q;
+  const bool discrete = s.discrete;
   const int64_t D = DT > 0 ? DT : s.D;
   const int64_t row_stride = M * D;  // value elements between consecutive spatial positions
-  // Roughly 4 corners x D channels x L x P multiply-adds per row: aim for ~32k per task.
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, L * P * D * 4));
+  // Roughly 4 corners x D channels x K points multiply-adds per row: aim for ~32k per task.
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K * D * 4));
   at::parallel_for(0, N * Q * M, grain, [&](int64_t begin, int64_t end) {
     Channels<scalar_t, DT> ch(D);
     for (int64_t row = begin; row < end; ++row) {  // row = nq * M + m
@@ -249,10 +250,11 @@ void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t*
       for (int64_t l = 0; l < L; ++l) {
         const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
         const scalar_t* level = value + ((n * S + starts[l]) * M + m) * D;
-        for (int64_t p = 0; p < P; ++p) {
-          const int64_t sample = (row * L + l) * P + p;
+        const PointRange points = level_points(s, l);
+        for (int64_t p = points.begin; p < points.end; ++p) {
+          const int64_t sample = row * K + p;
           const acc_t x = locations[2 * sample], y = locations[2 * sample + 1];
-          const Corners<acc_t> c = bilinear_corners<acc_t>(x, y, H, W);
+          const Corners<acc_t> c = sample_corners<acc_t>(x, y, H, W, discrete);
           const acc_t a = weights[sample];
           if (!c.any) {
             nan_row = nan_row || location_is_nan(x, y) || a != a;
@@ -287,7 +289,8 @@ void backward_kernel(const scalar_t* grad_out, const scalar_t* value, const int6
                      at::opmath_type<scalar_t>* grad_value_acc, at::opmath_type<scalar_t>* grad_locations,
                      at::opmath_type<scalar_t>* grad_weights, const Sizes& s, int64_t chunks) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t N = s.N, S = s.S, M = s.M, L = s.L, P = s.P, Q = s.Q;
+  const int64_t N = s.N, S = s.S, M = s.M, L = s.L, K = s.K, Q = s.Q;
+  const bool discrete = s.discrete;
   const int64_t D = DT > 0 ? DT : s.D;
   const int64_t row_stride = M * D;
   const int64_t queries_per_chunk = (Q + chunks - 1) / chunks;
@@ -307,16 +310,20 @@ void backward_kernel(const scalar_t* grad_out, const scalar_t* value, const int6
           const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
           const scalar_t* level = value + ((n * S + starts[l]) * M + m) * D;
           acc_t* gv_level = gv_head + starts[l] * row_stride;
-          for (int64_t p = 0; p < P; ++p) {
-            const int64_t sample = (row * L + l) * P + p;
+          const PointRange points = level_points(s, l);
+          for (int64_t p = points.begin; p < points.end; ++p) {
+            const int64_t sample = row * K + p;
             const acc_t x = locations[2 * sample], y = locations[2 * sample + 1];
-            const Corners<acc_t> c = bilinear_corners<acc_t>(x, y, H, W);
+            const Corners<acc_t> c = sample_corners<acc_t>(x, y, H, W, discrete);
             const acc_t a = weights[sample];
             if (!c.any) {
               // Non-finite rule (ms_deform_attn_math.h): NaN location -> NaN gradients; otherwise the in-map
-              // formulas with zero corner values, i.e. a * 0 (NaN for a NaN weight) and a zero weight gradient.
+              // formulas with zero corner values, i.e. a * 0 (NaN for a NaN weight) and a zero weight gradient;
+              // discrete sampling has no location gradient (0).
               const bool nan_location = location_is_nan(x, y);
-              const acc_t grad_location = nan_location ? quiet_nan<acc_t>() : a * static_cast<acc_t>(0);
+              const acc_t grad_location = nan_location ? quiet_nan<acc_t>()
+                                          : discrete   ? static_cast<acc_t>(0)
+                                                       : a * static_cast<acc_t>(0);
               grad_locations[2 * sample] = grad_location;
               grad_locations[2 * sample + 1] = grad_location;
               grad_weights[sample] = nan_location ? quiet_nan<acc_t>() : static_cast<acc_t>(0);
@@ -333,6 +340,7 @@ void backward_kernel(const scalar_t* grad_out, const scalar_t* value, const int6
             acc_t grad_w_im = 0, grad_h_im = 0, gx, gy;
             accumulate_position_grad(c, dots, a, grad_w_im, grad_h_im);
             position_grad_to_location(grad_w_im, grad_h_im, H, W, gx, gy);
+            if (discrete) gx = gy = 0;
             grad_locations[2 * sample] = gx;
             grad_locations[2 * sample + 1] = gy;
             grad_weights[sample] = interpolate(c, dots);

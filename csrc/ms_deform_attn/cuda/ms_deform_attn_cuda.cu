@@ -37,23 +37,24 @@ void check_cuda_inputs(const at::Tensor& value) {
 
 at::Tensor ms_deform_attn_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-                               const at::Tensor& attention_weights) {
-  check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+                               const at::Tensor& attention_weights, const std::optional<at::Tensor>& point_start,
+                               bool discrete) {
   check_cuda_inputs(value);
   const c10::cuda::CUDAGuard device_guard(value.device());
   CudaDevice dev;
-  return forward_on(dev, value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  return forward_on(dev, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, point_start,
+                    discrete);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
-  check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+    const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+    const std::optional<at::Tensor>& point_start, bool discrete) {
   check_cuda_inputs(value);
   const c10::cuda::CUDAGuard device_guard(value.device());
   CudaDevice dev;
   return backward_on(dev, at::globalContext().deterministicAlgorithms(), grad_output, value, spatial_shapes,
-                     level_start_index, sampling_locations, attention_weights);
+                     level_start_index, sampling_locations, attention_weights, point_start, discrete);
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <optional>
 #include <tuple>
 
 #include "ms_deform_attn/cuda/ms_deform_attn_kernels.cuh"
@@ -21,20 +22,27 @@ namespace msda {
 
 template <class Device>
 DenseInputs adopt_inputs(Device& dev, const DenseInputs& in) {
-  return {dev.adopt(in.value), dev.adopt(in.spatial_shapes), dev.adopt(in.level_start_index),
-          dev.adopt(in.sampling_locations), dev.adopt(in.attention_weights)};
+  return {dev.adopt(in.value),
+          dev.adopt(in.spatial_shapes),
+          dev.adopt(in.level_start_index),
+          dev.adopt(in.sampling_locations),
+          dev.adopt(in.attention_weights),
+          in.point_start.defined() ? dev.adopt(in.point_start) : at::Tensor()};
 }
 
 template <class Device>
 at::Tensor forward_on(Device& dev, const at::Tensor& value, const at::Tensor& spatial_shapes,
                       const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-                      const at::Tensor& attention_weights) {
-  const Sizes s = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+                      const at::Tensor& attention_weights, const std::optional<at::Tensor>& point_start = {},
+                      bool discrete = false) {
+  const Sizes checked = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                                     point_start, discrete);
   // Every element is written by the kernel, so no zero fill.
-  at::Tensor out = dev.empty({s.N, s.Q, s.M * s.D}, value.options());
+  at::Tensor out = dev.empty({checked.N, checked.Q, checked.M * checked.D}, value.options());
   if (out.numel() == 0) return out;
-  const DenseInputs in =
-      adopt_inputs(dev, dense_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights));
+  const DenseInputs in = adopt_inputs(
+      dev, dense_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, point_start));
+  const Sizes s = in.with_points(checked);
   const int64_t items = s.N * s.Q * s.M;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -51,14 +59,14 @@ at::Tensor forward_on(Device& dev, const at::Tensor& value, const at::Tensor& sp
   return out;
 }
 
-// grad_value without atomics (see kernels::destination_keys_kernel). Extra device memory, E = N * Q * M * L * P * 4
+// grad_value without atomics (see kernels::destination_keys_kernel). Extra device memory, E = N * Q * M * K * 4
 // entries: keys, sorted keys and sort indices (3 x 8E bytes), run-start flags (E bytes), run starts (<= 8E bytes)
 // plus the sort's own temporaries; benchmarks/NOTES.md has the numbers. One host sync (nonzero) for the run count.
 template <typename scalar_t, class Device>
 void deterministic_grad_value(Device& dev, const at::Tensor& go_c, const DenseInputs& in, const Sizes& s,
                               at::Tensor& grad_value_acc) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t samples = s.N * s.Q * s.M * s.L * s.P;
+  const int64_t samples = s.N * s.Q * s.M * s.K;
   const int64_t entries = samples * 4;
   if (entries == 0) return;
   at::Tensor keys = dev.empty({entries}, go_c.options().dtype(at::kLong));
@@ -93,17 +101,17 @@ void deterministic_grad_value(Device& dev, const at::Tensor& go_c, const DenseIn
 // The fast path sums grad_value with float atomics, whose order varies between runs; `deterministic`
 // (torch.use_deterministic_algorithms(True) on CUDA) sums it by sort + gather instead (deterministic_grad_value).
 template <class Device>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_on(Device& dev, bool deterministic,
-                                                           const at::Tensor& grad_output, const at::Tensor& value,
-                                                           const at::Tensor& spatial_shapes,
-                                                           const at::Tensor& level_start_index,
-                                                           const at::Tensor& sampling_locations,
-                                                           const at::Tensor& attention_weights) {
-  const Sizes s = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  check_grad_output(grad_output, value, s);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_on(
+    Device& dev, bool deterministic, const at::Tensor& grad_output, const at::Tensor& value,
+    const at::Tensor& spatial_shapes, const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights, const std::optional<at::Tensor>& point_start = {}, bool discrete = false) {
+  const Sizes checked = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                                     point_start, discrete);
+  check_grad_output(grad_output, value, checked);
   at::Tensor grad_locations = dev.zeros(sampling_locations.sizes(), sampling_locations.options());
   at::Tensor grad_weights = dev.zeros(attention_weights.sizes(), attention_weights.options());
-  if (s.N * s.Q * s.M == 0 || s.D == 0 || value.numel() == 0) {
+  // Every level empty (S = 0) still runs the kernel: the NaN rule gives NaN gradients to NaN samples there too.
+  if (checked.N * checked.Q * checked.M == 0 || checked.D == 0) {
     return {at::zeros_like(value, at::MemoryFormat::Contiguous), grad_locations, grad_weights};
   }
   const auto acc_dtype = position_dtype(value.scalar_type());
@@ -111,8 +119,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_on(Device& dev, bool det
   // Half types accumulate grad_value in an fp32 buffer (atomics on half lose low bits), cast once at the end.
   at::Tensor grad_value_acc = dev.zeros(value.sizes(), value.options().dtype(acc_dtype));
   const at::Tensor go_c = dev.adopt(grad_output.contiguous());
-  const DenseInputs in =
-      adopt_inputs(dev, dense_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights));
+  const DenseInputs in = adopt_inputs(
+      dev, dense_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, point_start));
+  const Sizes s = in.with_points(checked);
   const int64_t items = s.N * s.Q * s.M;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -6,6 +6,9 @@
 // transaction. When D > G * VEC the group walks the channels in tiles. Design, byte counts and predictions:
 // benchmarks/NOTES.md. Launch shapes: ms_deform_attn_launch.h.
 //
+// Points: level l owns points [level_points(s, l)) of each row's K (uniform P or the points_per_level table);
+// sampling: bilinear (four corners) or discrete (nearest_corner: one corner, no location gradient).
+//
 // Non-finite rule (README "Backends", ms_deform_attn_math.h): a NaN x or y makes every channel of its head NaN, its
 // location and weight gradients NaN, and adds nothing to grad_value; +-inf locations lie outside the map; a NaN
 // attention weight propagates by IEEE arithmetic, also off the map (NaN * 0). bilinear_corners() reports NaN and
@@ -62,7 +65,8 @@ __global__ void __launch_bounds__(kThreads)
                    const at::opmath_type<scalar_t>* __restrict__ weights, scalar_t* __restrict__ out, Sizes s,
                    int group_size, int64_t tiles) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t S = s.S, M = s.M, D = s.D, L = s.L, P = s.P;
+  const int64_t S = s.S, M = s.M, D = s.D, L = s.L, K = s.K;
+  const bool discrete = s.discrete;
   const int64_t items = s.N * s.Q * M;
   const int64_t row_stride = M * D;
   const int lane = threadIdx.x & (group_size - 1);
@@ -71,8 +75,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t item = blockIdx.x * groups_per_block + group; item < items; item += gridDim.x * groups_per_block) {
     int64_t n, m;
     const int64_t row = head_row(item, s.Q, M, n, m);
-    const acc_t* loc = locations + row * L * P * 2;
-    const acc_t* att = weights + row * L * P;
+    const acc_t* loc = locations + row * K * 2;
+    const acc_t* att = weights + row * K;
     const scalar_t* value_nm = value + n * S * row_stride + m * D;
     for (int64_t tile = 0; tile < tiles; ++tile) {
       const int64_t d0 = (tile * group_size + lane) * VEC;
@@ -83,10 +87,10 @@ __global__ void __launch_bounds__(kThreads)
         // still applies.
         const Level lv = read_level(shapes, starts, l, S);
         const scalar_t* level = value_nm + lv.start * row_stride + d0;
-        for (int64_t p = 0; p < P; ++p) {
-          const int64_t sample = l * P + p;
+        const PointRange points = level_points(s, l);
+        for (int64_t sample = points.begin; sample < points.end; ++sample) {
           const acc_t x = loc[2 * sample], y = loc[2 * sample + 1];
-          Corners<acc_t> c = bilinear_corners<acc_t>(x, y, lv.H, lv.W);
+          Corners<acc_t> c = sample_corners<acc_t>(x, y, lv.H, lv.W, discrete);
           if (!c.any) {
             // Off the map (or a NaN location): nothing to load, but a NaN location or a NaN weight (NaN * 0)
             // still poisons the head.
@@ -136,7 +140,8 @@ __global__ void __launch_bounds__(kThreads)
                     at::opmath_type<scalar_t>* __restrict__ grad_locations,
                     at::opmath_type<scalar_t>* __restrict__ grad_weights, Sizes s, int group_size, int64_t tiles) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t S = s.S, M = s.M, D = s.D, L = s.L, P = s.P;
+  const int64_t S = s.S, M = s.M, D = s.D, L = s.L, K = s.K;
+  const bool discrete = s.discrete;
   const int64_t items = s.N * s.Q * M;
   const int64_t row_stride = M * D;
   const int lane = threadIdx.x & (group_size - 1);
@@ -148,8 +153,8 @@ __global__ void __launch_bounds__(kThreads)
     const bool item_ok = base + group < items;
     int64_t n, m;
     const int64_t row = head_row(item_ok ? base + group : 0, s.Q, M, n, m);
-    const acc_t* loc = locations + row * L * P * 2;
-    const acc_t* att = weights + row * L * P;
+    const acc_t* loc = locations + row * K * 2;
+    const acc_t* att = weights + row * K;
     const scalar_t* go = grad_out + row * D;
     const scalar_t* value_nm = value + n * S * row_stride + m * D;
     acc_t* grad_value_nm = grad_value + n * S * row_stride + m * D;
@@ -163,12 +168,12 @@ __global__ void __launch_bounds__(kThreads)
       const Level lv = read_level(shapes, starts, l, S);
       const scalar_t* level = value_nm + lv.start * row_stride;
       acc_t* grad_level = grad_value_nm + lv.start * row_stride;
-      for (int64_t p = 0; p < P; ++p) {
-        const int64_t sample = l * P + p;
+      const PointRange points = level_points(s, l);
+      for (int64_t sample = points.begin; sample < points.end; ++sample) {
         const acc_t x = loc[2 * sample], y = loc[2 * sample + 1];
         // A sample off the map (NaN and +-inf locations included) loads no corner and adds nothing to grad_value;
-        // its gradients follow the non-finite rule below.
-        const Corners<acc_t> c = bilinear_corners<acc_t>(x, y, lv.H, lv.W);
+        // its gradients follow the non-finite rule below. (Discrete sampling: only NaN locations and empty levels.)
+        const Corners<acc_t> c = sample_corners<acc_t>(x, y, lv.H, lv.W, discrete);
         const acc_t a = att[sample];
         // dots[k] = <grad_out, corner k> over this lane's channels. The sampled value and its position gradient
         // are linear in the corner values, so they follow from the four dots (as in the CPU kernel), and being
@@ -218,14 +223,17 @@ __global__ void __launch_bounds__(kThreads)
         if (item_ok && lane == 0) {
           acc_t grad_x, grad_y;
           position_grad_to_location(grad_w_im, grad_h_im, lv.H, lv.W, grad_x, grad_y);
+          if (discrete) grad_x = grad_y = 0;  // a gather: no location gradient
           if (!c.any) {
-            // As the in-map formulas with zero corner values: a * 0 (NaN for a NaN weight) for the location and a
-            // zero weight gradient; all NaN for a NaN location.
+            // As the in-map formulas with zero corner values: a * 0 (NaN for a NaN weight; 0 for discrete
+            // sampling) for the location and a zero weight gradient; all NaN for a NaN location.
             const bool nan_location = location_is_nan(x, y);
-            grad_x = grad_y = nan_location ? quiet_nan<acc_t>() : a * static_cast<acc_t>(0);
+            grad_x = grad_y = nan_location ? quiet_nan<acc_t>()
+                              : discrete   ? static_cast<acc_t>(0)
+                                           : a * static_cast<acc_t>(0);
             grad_a = nan_location ? quiet_nan<acc_t>() : static_cast<acc_t>(0);
           }
-          const int64_t idx = row * L * P + sample;
+          const int64_t idx = row * K + sample;
           grad_locations[2 * idx] = grad_x;
           grad_locations[2 * idx + 1] = grad_y;
           grad_weights[idx] = grad_a;
@@ -246,17 +254,18 @@ template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     destination_keys_kernel(const int64_t* __restrict__ shapes, const int64_t* __restrict__ starts,
                             const acc_t* __restrict__ locations, int64_t* __restrict__ keys, Sizes s) {
-  const int64_t samples = s.N * s.Q * s.M * s.L * s.P;
+  const int64_t samples = s.N * s.Q * s.M * s.K;
   for (int64_t sample = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; sample < samples;
        sample += int64_t{gridDim.x} * blockDim.x) {
-    // sample = (row * L + l) * P + p with row = (n * Q + q) * M + m, the layout of locations and weights.
-    const int64_t row = sample / (s.L * s.P);
-    const int64_t l = (sample / s.P) % s.L;
+    // sample = row * K + p with row = (n * Q + q) * M + m, the layout of locations and weights.
+    const int64_t row = sample / s.K;
+    const int64_t l = level_of_point(s, sample % s.K);
     const int64_t m = row % s.M;
     const int64_t n = row / (s.Q * s.M);
     const Level lv = read_level(shapes, starts, l, s.S);
-    // An empty level, a NaN or an infinite location gives no valid corner (bilinear_corners), hence no entry.
-    const Corners<acc_t> c = bilinear_corners<acc_t>(locations[2 * sample], locations[2 * sample + 1], lv.H, lv.W);
+    // An empty level, a NaN or (bilinear) an infinite location gives no valid corner, hence no entry.
+    const Corners<acc_t> c =
+        sample_corners<acc_t>(locations[2 * sample], locations[2 * sample + 1], lv.H, lv.W, s.discrete);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       keys[4 * sample + k] = c.valid[k] ? (n * s.S + lv.start + c.offset[k]) * s.M + m : kNoDestination;
@@ -285,7 +294,7 @@ __global__ void __launch_bounds__(kThreads)
                              at::opmath_type<scalar_t>* __restrict__ grad_value, Sizes s, int group_size,
                              int64_t tiles) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t D = s.D, L = s.L, P = s.P;
+  const int64_t D = s.D, K = s.K;
   const int lane = threadIdx.x & (group_size - 1);
   const int64_t groups_per_block = blockDim.x / group_size;
   const int64_t group = threadIdx.x / group_size;
@@ -300,10 +309,11 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t entry = entry_ids[i];
         const int64_t sample = entry >> 2;
         const int k = static_cast<int>(entry & 3);
-        const int64_t row = sample / (L * P);
-        const int64_t l = (sample / P) % L;
+        const int64_t row = sample / K;
+        const int64_t l = level_of_point(s, sample % K);
         const Level lv = read_level(shapes, starts, l, s.S);
-        const Corners<acc_t> c = bilinear_corners<acc_t>(locations[2 * sample], locations[2 * sample + 1], lv.H, lv.W);
+        const Corners<acc_t> c =
+            sample_corners<acc_t>(locations[2 * sample], locations[2 * sample + 1], lv.H, lv.W, s.discrete);
         const acc_t coeff = weights[sample] * c.weight[k];
         acc_t g[VEC];
         load_vec<acc_t, scalar_t, VEC>(grad_out + row * D + d0, g);
