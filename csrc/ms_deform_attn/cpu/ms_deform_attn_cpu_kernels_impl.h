@@ -1,5 +1,5 @@
-// CPU kernel bodies of multi-scale deformable attention, compiled twice: once for the baseline ISA
-// (ms_deform_attn_cpu.cpp) and once with AVX2+FMA (ms_deform_attn_cpu_avx2.cpp), picked at run time. Include only
+// CPU kernel bodies of multi-scale deformable attention, compiled once per instruction set: the baseline ISA
+// (ms_deform_attn_cpu.cpp), AVX2+FMA (_avx2.cpp) and AVX-512 (_avx512.cpp), picked at run time. Include only
 // after defining MSDA_CPU_ISA (the namespace of this copy) and after every system/ATen header, so that a target
 // pragma in force around this include reaches our kernels alone.
 #include "ms_deform_attn/cpu/ms_deform_attn_cpu_kernels.h"
