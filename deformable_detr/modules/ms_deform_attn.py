@@ -90,6 +90,26 @@ class MSDeformAttn(nn.Module):
         nn.init.xavier_uniform_(self.output_proj.weight)
         nn.init.constant_(self.output_proj.bias, 0.0)
 
+    def _point_locations(self, query, reference_points, spatial_shapes, level_start_index, Len_in) -> torch.Tensor:
+        """``reference_points[..., l, :] + sampling_offsets(query)[..., l, p, :] / (W_l, H_l)`` as one GEMM.
+
+        The division moves into the (tiny) weight and bias, and the reference point joins the product as extra
+        input columns times a 0/1 selection matrix: the two broadcasts over the (N, Q, M, L, P, 2) result (each
+        as slow as the GEMM itself on CPU, innermost extent 2) and their backward passes disappear. Equal to
+        the direct formula up to float rounding.
+        """
+        N, Len_q, C = query.shape
+        M, L, P = self.n_heads, self.n_levels, self.n_points
+        # (W_l, H_l) per level, made once per level table (cached with the table's checks).
+        normalizer = offset_normalizer(spatial_shapes, level_start_index, Len_in, query.device, query.dtype)
+        weight = self.sampling_offsets.weight.view(M, L, P, 2, C) / normalizer[None, :, None, :, None]
+        bias = self.sampling_offsets.bias.view(M, L, P, 2) / normalizer[None, :, None, :]
+        select = torch.eye(L * 2, dtype=query.dtype, device=query.device).view(1, L, 1, 2, L * 2)
+        weight = torch.cat([weight, select.expand(M, L, P, 2, L * 2)], -1).view(M * L * P * 2, C + L * 2)
+        points = reference_points.to(query.dtype).expand(N, Len_q, L, 2).reshape(N, Len_q, L * 2)
+        locations = F.linear(torch.cat([query, points], -1), weight, bias.view(-1))
+        return locations.view(N, Len_q, M, L, P, 2)
+
     def forward(
         self,
         query: torch.Tensor,
@@ -121,18 +141,15 @@ class MSDeformAttn(nn.Module):
         if input_padding_mask is not None:
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
         value = value.view(N, Len_in, self.n_heads, self.d_model // self.n_heads)
-        sampling_offsets = self.sampling_offsets(query).view(N, Len_q, self.n_heads, self.n_levels, self.n_points, 2)
         attention_weights = self.attention_weights(query).view(N, Len_q, self.n_heads, self.n_levels * self.n_points)
         attention_weights = F.softmax(attention_weights, -1).view(N, Len_q, self.n_heads, self.n_levels, self.n_points)
         if reference_points.shape[-1] == 2:
-            # (W_l, H_l) per level, made once per level table (cached with the table's checks).
-            normalizer = offset_normalizer(
-                input_spatial_shapes, input_level_start_index, Len_in, query.device, sampling_offsets.dtype
-            )
-            sampling_locations = (
-                reference_points[:, :, None, :, None, :] + sampling_offsets / normalizer[None, None, None, :, None, :]
-            )
+            sampling_locations = self._point_locations(query, reference_points, input_spatial_shapes,
+                                                       input_level_start_index, Len_in)  # fmt: skip
         elif reference_points.shape[-1] == 4:
+            sampling_offsets = self.sampling_offsets(query).view(
+                N, Len_q, self.n_heads, self.n_levels, self.n_points, 2
+            )
             sampling_locations = (
                 reference_points[:, :, None, :, None, :2]
                 + sampling_offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5

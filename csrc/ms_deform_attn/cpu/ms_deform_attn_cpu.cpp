@@ -1,5 +1,5 @@
-// CPU entry points of multi-scale deformable attention: input checks, allocation, and the choice between the
-// baseline and AVX2 copies of the kernels (ms_deform_attn_cpu_kernels_impl.h). Forward parallelises over output
+// CPU entry points of multi-scale deformable attention: input checks, allocation, and the call into the kernel
+// copy chosen for this CPU (ms_deform_attn_cpu_capability.cpp). Forward parallelises over output
 // rows, backward over (batch, head, query chunk) slices. Per-sample math: ms_deform_attn_math.h, shared with CUDA.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -42,7 +42,7 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial
   const Sizes ks = in.with_points(s);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, value.scalar_type(), "ms_deform_attn_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto* fn = cpu_kernels_use_avx2() ? &avx2::forward<scalar_t> : &base::forward<scalar_t>;
+    auto* fn = cpu_kernel(&base::forward<scalar_t>, &avx2::forward<scalar_t>, &avx512::forward<scalar_t>);
     fn(in.value.data_ptr<scalar_t>(), in.spatial_shapes.data_ptr<int64_t>(), in.level_start_index.data_ptr<int64_t>(),
        in.sampling_locations.data_ptr<acc_t>(), in.attention_weights.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), ks);
   });
@@ -88,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   const Sizes ks = in.with_points(s);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto* fn = cpu_kernels_use_avx2() ? &avx2::backward<scalar_t> : &base::backward<scalar_t>;
+    auto* fn = cpu_kernel(&base::backward<scalar_t>, &avx2::backward<scalar_t>, &avx512::backward<scalar_t>);
     fn(go_c.data_ptr<scalar_t>(), in.value.data_ptr<scalar_t>(), in.spatial_shapes.data_ptr<int64_t>(),
        in.level_start_index.data_ptr<int64_t>(), in.sampling_locations.data_ptr<acc_t>(),
        in.attention_weights.data_ptr<acc_t>(), grad_value_acc.data_ptr<acc_t>(), grad_locations.data_ptr<acc_t>(),

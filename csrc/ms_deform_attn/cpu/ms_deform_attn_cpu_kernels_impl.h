@@ -1,5 +1,5 @@
-// CPU kernel bodies of multi-scale deformable attention, compiled twice: once for the baseline ISA
-// (ms_deform_attn_cpu.cpp) and once with AVX2+FMA (ms_deform_attn_cpu_avx2.cpp), picked at run time. Include only
+// CPU kernel bodies of multi-scale deformable attention, compiled once per instruction set: the baseline ISA
+// (ms_deform_attn_cpu.cpp), AVX2+FMA (_avx2.cpp) and AVX-512 (_avx512.cpp), picked at run time. Include only
 // after defining DDETR_CPU_ISA (the namespace of this copy) and after every system/ATen header, so that a target
 // pragma in force around this include reaches our kernels alone.
 #include "ms_deform_attn/cpu/ms_deform_attn_cpu_kernels.h"
@@ -230,13 +230,13 @@ using Channels = std::conditional_t<use_vec<scalar_t, DT>(), VecChannels<scalar_
 
 // Forward parallelises over output rows (n, q, m), m fastest. (Head-major order, one head's 0.7 MB slice of value
 // at a time, measured slower: benchmarks/NOTES.md, CPU section.)
-template <typename scalar_t, int DT, bool kDiscrete>
+template <typename scalar_t, int DT>
 void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t* starts,
                     const at::opmath_type<scalar_t>* locations, const at::opmath_type<scalar_t>* weights, scalar_t* out,
                     const Sizes& s) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = s.N, S = s.S, M = s.M, L = s.L, K = s.K, Q = s.Q;
-  constexpr bool discrete = kDiscrete;  // compile-time: the bilinear instantiation has no discrete branch
+  const bool discrete = s.discrete;
   const int64_t D = DT > 0 ? DT : s.D;
   const int64_t row_stride = M * D;  // value elements between consecutive spatial positions
   // Roughly 4 corners x D channels x K points multiply-adds per row: aim for ~32k per task.
@@ -283,14 +283,14 @@ void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t*
 // The bilinear value and its position gradient are linear in the corner values, so per sample we only need the
 // four dot products G_k = <grad_out, v_k> over channels; interpolate() and accumulate_position_grad() are then
 // applied to G instead of to each channel (4 reductions per sample instead of 3 per channel).
-template <typename scalar_t, int DT, bool kDiscrete>
+template <typename scalar_t, int DT>
 void backward_kernel(const scalar_t* grad_out, const scalar_t* value, const int64_t* shapes, const int64_t* starts,
                      const at::opmath_type<scalar_t>* locations, const at::opmath_type<scalar_t>* weights,
                      at::opmath_type<scalar_t>* grad_value_acc, at::opmath_type<scalar_t>* grad_locations,
                      at::opmath_type<scalar_t>* grad_weights, const Sizes& s, int64_t chunks) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = s.N, S = s.S, M = s.M, L = s.L, K = s.K, Q = s.Q;
-  constexpr bool discrete = kDiscrete;  // compile-time: the bilinear instantiation has no discrete branch
+  const bool discrete = s.discrete;
   const int64_t D = DT > 0 ? DT : s.D;
   const int64_t row_stride = M * D;
   const int64_t queries_per_chunk = (Q + chunks - 1) / chunks;
@@ -340,7 +340,7 @@ void backward_kernel(const scalar_t* grad_out, const scalar_t* value, const int6
             acc_t grad_w_im = 0, grad_h_im = 0, gx, gy;
             accumulate_position_grad(c, dots, a, grad_w_im, grad_h_im);
             position_grad_to_location(grad_w_im, grad_h_im, H, W, gx, gy);
-            if constexpr (discrete) gx = gy = 0;
+            if (discrete) gx = gy = 0;
             grad_locations[2 * sample] = gx;
             grad_locations[2 * sample + 1] = gy;
             grad_weights[sample] = interpolate(c, dots);
@@ -375,12 +375,7 @@ void forward(const scalar_t* value, const int64_t* shapes, const int64_t* starts
              const at::opmath_type<scalar_t>* locations, const at::opmath_type<scalar_t>* weights, scalar_t* out,
              const Sizes& s) {
   dispatch_head_dim<scalar_t>(s.D, [&](auto dt) {
-    constexpr int DT = decltype(dt)::value;
-    if (s.discrete) {
-      forward_kernel<scalar_t, DT, true>(value, shapes, starts, locations, weights, out, s);
-    } else {
-      forward_kernel<scalar_t, DT, false>(value, shapes, starts, locations, weights, out, s);
-    }
+    forward_kernel<scalar_t, decltype(dt)::value>(value, shapes, starts, locations, weights, out, s);
   });
 }
 
@@ -390,18 +385,12 @@ void backward(const scalar_t* grad_out, const scalar_t* value, const int64_t* sh
               at::opmath_type<scalar_t>* grad_value_acc, at::opmath_type<scalar_t>* grad_locations,
               at::opmath_type<scalar_t>* grad_weights, const Sizes& s, int64_t chunks) {
   dispatch_head_dim<scalar_t>(s.D, [&](auto dt) {
-    constexpr int DT = decltype(dt)::value;
-    if (s.discrete) {
-      backward_kernel<scalar_t, DT, true>(grad_out, value, shapes, starts, locations, weights, grad_value_acc,
-                                          grad_locations, grad_weights, s, chunks);
-    } else {
-      backward_kernel<scalar_t, DT, false>(grad_out, value, shapes, starts, locations, weights, grad_value_acc,
-                                           grad_locations, grad_weights, s, chunks);
-    }
+    backward_kernel<scalar_t, decltype(dt)::value>(grad_out, value, shapes, starts, locations, weights, grad_value_acc,
+                                                   grad_locations, grad_weights, s, chunks);
   });
 }
 
-#define DDETR_MSDA_INSTANTIATE(T)                                                                                     \
+#define DDETR_MSDA_INSTANTIATE(T)                                                                                           \
   template void forward<T>(const T*, const int64_t*, const int64_t*, const at::opmath_type<T>*,                       \
                            const at::opmath_type<T>*, T*, const Sizes&);                                              \
   template void backward<T>(const T*, const T*, const int64_t*, const int64_t*, const at::opmath_type<T>*,            \
