@@ -21,7 +21,7 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 _ORACLE_SCRIPT = """
 import torch, deformable_detr as dd
-from oracle import make_inputs, ms_deform_attn_oracle
+from support.oracle import make_inputs, ms_deform_attn_oracle
 for D, dtype in ((32, torch.float32), (16, torch.float32), (7, torch.float64), (16, torch.bfloat16)):
     value, ss, lsi, loc, attn = make_inputs(2, [(5, 4), (2, 3), (1, 1)], 2, D, 6, 3, dtype=dtype, seed=D)
     value.requires_grad_(True); loc.requires_grad_(True); attn.requires_grad_(True)
