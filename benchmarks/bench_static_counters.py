@@ -37,7 +37,7 @@ def _emulator():
     tests = str(ROOT / "tests")
     if tests not in sys.path:
         sys.path.insert(0, tests)
-    import simt_emulator
+    from support import simt_emulator
 
     return simt_emulator
 
