@@ -17,7 +17,7 @@
 namespace deformable_detr {
 namespace msda {
 
-#define DDETR_MSDA_DECLARE_CPU_KERNELS(ns)                                                                                \
+#define DDETR_MSDA_DECLARE_CPU_KERNELS(ns)                                                                          \
   namespace ns {                                                                                                    \
   template <typename scalar_t>                                                                                      \
   void forward(const scalar_t* value, const int64_t* shapes, const int64_t* starts,                                 \
@@ -61,7 +61,7 @@ Fn cpu_kernel(Fn default_copy, Fn avx2_copy, Fn avx512_copy) {
 
 // A copy that could not be compiled for this target: entry points that are never selected (cpu_kernels_compiled
 // is false for it), defined so that every file links on every target.
-#define DDETR_MSDA_DEFINE_ABSENT_CPU_KERNELS(ns)                                                                            \
+#define DDETR_MSDA_DEFINE_ABSENT_CPU_KERNELS(ns)                                                                      \
   namespace ns {                                                                                                      \
   template <typename scalar_t>                                                                                        \
   void forward(const scalar_t*, const int64_t*, const int64_t*, const at::opmath_type<scalar_t>*,                     \

@@ -390,7 +390,7 @@ void backward(const scalar_t* grad_out, const scalar_t* value, const int64_t* sh
   });
 }
 
-#define DDETR_MSDA_INSTANTIATE(T)                                                                                           \
+#define DDETR_MSDA_INSTANTIATE(T)                                                                                     \
   template void forward<T>(const T*, const int64_t*, const int64_t*, const at::opmath_type<T>*,                       \
                            const at::opmath_type<T>*, T*, const Sizes&);                                              \
   template void backward<T>(const T*, const T*, const int64_t*, const int64_t*, const at::opmath_type<T>*,            \
