@@ -91,6 +91,11 @@ def main(argv=None) -> int:
 
     from tqdm import tqdm
 
+    date = _dt.date.today().isoformat()
+    stem = f"{report.device_slug(device)}-{date}" + ("-quick" if args.quick else "")
+    # After every case the rows so far go to <stem>-partial.{json,md}: a run cut off by a time limit (a lent GPU's
+    # per-command limit, Ctrl-C) keeps what it measured. The complete files replace them at the end.
+    partial_stem = f"{stem}-partial"
     rows: list[dict] = []
     t0 = time.perf_counter()
     bar = tqdm(work, desc="benchmarks", unit="case", disable=args.no_progress, file=sys.stderr)
@@ -101,11 +106,12 @@ def main(argv=None) -> int:
         except Exception as exc:  # one broken suite must not cost the results of the others
             suite = label.split()[0]
             rows.append({"suite": suite, "name": label, "status": f"failed: {type(exc).__name__}: {exc}"[:300]})
-    env["wall_s"] = round(time.perf_counter() - t0, 1)
+        env["wall_s"] = round(time.perf_counter() - t0, 1)
+        report.write_json_and_markdown(env, rows, report.markdown_table(rows), args.out, partial_stem)
 
-    date = _dt.date.today().isoformat()
-    stem = f"{report.device_slug(device)}-{date}" + ("-quick" if args.quick else "")
     paths = report.write_results(env, rows, args.out, stem)
+    for suffix in (".json", ".md"):
+        (Path(args.out) / f"{partial_stem}{suffix}").unlink(missing_ok=True)
     print(f"\n{env['device_name']} ({device.type}, {env['threads']} threads), {env['wall_s']} s")
     for kind, path in paths.items():
         print(f"  {kind}: {path}")

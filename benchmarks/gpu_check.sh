@@ -12,7 +12,8 @@
 #   OUT                       where logs and results go (default: /tmp/gpu_check_out)
 #   PYTHON                    interpreter (default: python3 — the device image has no venv)
 #   TORCH_CUDA_ARCH_LIST      default 9.0 (H100/H200)
-#   GPU_CHECK_STAGES          subset/order of: peers build test sanitize bench (default: all five). A warm machine
+#   GPU_CHECK_STAGES          subset and order of: peers build test bench sanitize (default: all five, in that
+#                             order: the benchmark before the slow sanitizer runs). A warm machine
 #                             keeps the in-place build, so a second call can run e.g. GPU_CHECK_STAGES=bench.
 #   GPU_CHECK_SKIP_BUILD=1    never compile (a dry run on a machine whose in-place build others share)
 #   GPU_CHECK_DEADLINE        seconds the whole script may take (default 570: the device tool's 600 s per
@@ -33,7 +34,7 @@ OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-STAGES=${GPU_CHECK_STAGES:-peers build test sanitize bench}
+STAGES=${GPU_CHECK_STAGES:-peers build test bench sanitize}
 DEADLINE=${GPU_CHECK_DEADLINE:-570}
 START=$(date +%s)
 SUMMARY=$OUT/summary.txt
@@ -61,7 +62,7 @@ run_stage() {
     t0=$(date +%s)
     echo "### $name: $* (timeout ${limit}s)" >>"$log"
     timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
-    rc=$?
+    local rc=$?
     local dt=$(($(date +%s) - t0))
     if ((rc == 0)); then
         note "$(printf '%-12s ok        %4ss' "$name" "$dt")"
@@ -74,8 +75,6 @@ run_stage() {
     fi
     return "$rc"
 }
-
-want() { [[ " $STAGES " == *" $1 "* ]]; }
 
 # --- environment
 HAVE_GPU=0
@@ -94,7 +93,7 @@ note "stages: $STAGES"
 # --- peers: offline installs of what the benchmark compares against (never required)
 PEER_DIR=${PEER_DIR:-}
 [[ -z $PEER_DIR && -d $ROOT/.peers ]] && PEER_DIR=$ROOT/.peers
-if want peers; then
+stage_peers() {
     if [[ -n $PEER_DIR ]] && compgen -G "$PEER_DIR/*" >/dev/null; then
         # --target keeps the image's site-packages untouched; sdists (dcnv4) compile here against its torch.
         mkdir -p /tmp/gpu_check_peers
@@ -104,10 +103,10 @@ if want peers; then
     else
         note "$(printf '%-12s skipped   (no PEER_DIR / .peers: peers will read "not installed")' peers)"
     fi
-fi
+}
 
 # --- build: in place, with this machine's torch (extensions built elsewhere do not load here)
-if want build; then
+stage_build() {
     if [[ ${GPU_CHECK_SKIP_BUILD:-0} == 1 ]]; then
         note "$(printf '%-12s skipped   (GPU_CHECK_SKIP_BUILD=1)' build)"
     else
@@ -124,20 +123,20 @@ if torch.cuda.is_available():
     b = dd.available_backends('cuda'); print('cuda backends:', b)
     assert 'cuda' in b, 'the CUDA backend did not build/load'
 "
-fi
+}
 
 # --- GPU tests
-if want test; then
+stage_test() {
     # Some test modules import packages the device image lacks (transformers, pycocotools): their collection
     # errors must not abort the GPU tests of the other modules. rc 5 = nothing collected (fine without a GPU).
     run_stage pytest-gpu "$OUT/pytest_gpu.log" 240 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfEs --continue-on-collection-errors tests
-    rc=$?
+    local rc=$?
     if ((rc == 5 && HAVE_GPU == 0)); then FAILED=$((FAILED - 1)); fi
     grep -E '^(FAILED|ERROR)|[0-9]+ (passed|failed|skipped)' "$OUT/pytest_gpu.log" | tail -15 | tee -a "$SUMMARY"
-fi
+}
 
 # --- compute-sanitizer on a small GPU subset
-if want sanitize; then
+stage_sanitize() {
     SAN=$(command -v compute-sanitizer || true)
     [[ -z $SAN && -x /usr/local/cuda/bin/compute-sanitizer ]] && SAN=/usr/local/cuda/bin/compute-sanitizer
     files=()
@@ -157,7 +156,7 @@ if want sanitize; then
         [[ -n $SANITIZER_K ]] && kargs=(-k "$SANITIZER_K")
         # Without the caching allocator every tensor is its own cudaMalloc, so an out-of-bounds access lands
         # outside any allocation and memcheck sees it instead of reading a neighbour in the same pool block.
-        for tool in memcheck racecheck; do
+        for tool in memcheck racecheck synccheck; do
             run_stage "$tool" "$OUT/sanitizer.log" 180 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
                 "$SAN" --tool "$tool" --error-exitcode 99 --print-limit 20 \
                 "$PY" -m pytest -m gpu -q -x -p no:cacheprovider --continue-on-collection-errors "${files[@]}" "${kargs[@]}"
@@ -165,10 +164,10 @@ if want sanitize; then
                 sed "s/^/  $tool: /" | tee -a "$SUMMARY"
         done
     fi
-fi
+}
 
-# --- benchmarks: JSON + markdown + PNG land directly in $OUT
-if want bench; then
+# --- benchmarks: JSON + markdown + PNG land directly in $OUT (<stem>-partial.{json,md} if the time ran out)
+stage_bench() {
     if [[ -z ${BENCH_ARGS+x} ]]; then
         if ((HAVE_GPU)); then BENCH_ARGS=""; else BENCH_ARGS="--quick --suites msda"; fi
     fi
@@ -180,7 +179,14 @@ if want bench; then
         "$PY" -m benchmarks.bench_static_roofline "$bench_json" "$OUT" >"$OUT/roofline.log" 2>&1 ||
             note "roofline-measured failed (see roofline.log)"
     fi
-fi
+}
+
+for stage in $STAGES; do
+    case $stage in
+    peers | build | test | bench | sanitize) "stage_$stage" ;;
+    *) note "unknown stage '$stage' in GPU_CHECK_STAGES (choose from: peers build test bench sanitize)" ;;
+    esac
+done
 
 echo
 echo "================ gpu_check: $FAILED failed stage(s), $(($(date +%s) - START)) s ================"
