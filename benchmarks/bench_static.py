@@ -88,7 +88,9 @@ def cuda_rows(binary: Path) -> list[dict]:
 
 # ---- Triton -------------------------------------------------------------------------------------------------------
 TRITON_D = 32  # the model's head dim: BLOCK_D = 32 for both kernels (ops/triton/ms_deform_attn.py)
-_INT_ARGS = ("Q", "S", "M", "D", "L", "P", "q_bucket")
+_INT_ARGS = ("Q", "S", "M", "D", "L", "P", "K", "q_bucket")
+_CONSTEXPR_ARGS = ("BLOCK_Q", "BLOCK_D", "ACC", "RAGGED", "DISCRETE")
+_TABLE_ARGS = ("shapes_ptr", "level_start_ptr", "point_start_ptr")
 
 
 def _triton_signature(fn, dtype: str) -> tuple[dict, dict]:
@@ -97,14 +99,14 @@ def _triton_signature(fn, dtype: str) -> tuple[dict, dict]:
     acc = "fp64" if dtype == "fp64" else "fp32"
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
-        if name in ("BLOCK_Q", "BLOCK_D", "ACC"):
+        if name in _CONSTEXPR_ARGS:
             signature[name] = "constexpr"
         elif name in _INT_ARGS:
             signature[name] = "i32"
             if name == "D":
                 attrs[(i,)] = [["tt.divisibility", 16]]
         else:
-            if name in ("shapes_ptr", "level_start_ptr"):
+            if name in _TABLE_ARGS:
                 signature[name] = "*i64"
             elif name in ("value_ptr", "out_ptr", "grad_out_ptr"):
                 signature[name] = "*" + dtype
@@ -142,7 +144,14 @@ def triton_rows(archs=("sm_80", "sm_90"), dtypes=("fp32", "bf16", "fp16", "fp64"
                 acc = tl.float64 if dtype == "fp64" else tl.float32
                 for config in configs:
                     block_q, warps = config.kwargs["BLOCK_Q"], config.num_warps
-                    constexprs = {"BLOCK_Q": block_q, "BLOCK_D": block_d, "ACC": acc}
+                    # The uniform bilinear variant: the kernel the models run.
+                    constexprs = {
+                        "BLOCK_Q": block_q,
+                        "BLOCK_D": block_d,
+                        "ACC": acc,
+                        "RAGGED": False,
+                        "DISCRETE": False,
+                    }
                     for arch in archs:
                         base = {"backend": "triton", "kernel": kernel, "dtype": names[dtype], "vec": None}
                         base["config"] = f"BLOCK_Q={block_q} BLOCK_D={block_d} warps={warps}"

@@ -4,12 +4,14 @@
 # full benchmarks. Every stage logs under $OUT and the run goes on after a failure; the exit status is the
 # number of failed stages. Prints a short table last.
 #
-# Files under $OUT (kept to 8 so that they are easy to copy back): summary.txt, build.log, pytest_gpu.log, sanitizer.log,
-# bench.log and the benchmark's <device>-<date>.{json,md,png}; with a GPU also roofline-measured.{json,md} (the
-# committed roofline predictions with the measured column) and roofline.log.
+# Files under $OUT (at most 7: the device tool copies back 8): summary.txt (the stage table), gpu_check.log (every
+# stage's output in order) and the benchmark's <device>-<date>.{json,md,png} (<...>-partial.{json,md} when the time
+# ran out mid-run); with a GPU also roofline-measured.{json,md} (the committed roofline predictions with the
+# measured column). Per-stage logs stay in $LOGDIR on the machine.
 #
 # Environment (all optional):
 #   OUT                       where logs and results go (default: /tmp/gpu_check_out)
+#   LOGDIR                    per-stage logs (default: /tmp/gpu_check_logs)
 #   PYTHON                    interpreter (default: python3 — the device image has no venv)
 #   TORCH_CUDA_ARCH_LIST      default 9.0 (H100/H200)
 #   GPU_CHECK_STAGES          subset and order of: peers build test bench sanitize (default: all five, in that
@@ -37,6 +39,11 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 STAGES=${GPU_CHECK_STAGES:-peers build test bench sanitize}
 DEADLINE=${GPU_CHECK_DEADLINE:-570}
 START=$(date +%s)
+LOGDIR=${LOGDIR:-/tmp/gpu_check_logs}
+mkdir -p "$LOGDIR"
+rm -f "$LOGDIR"/*.log
+LOG=$OUT/gpu_check.log
+: >"$LOG"
 SUMMARY=$OUT/summary.txt
 FAILED=0
 : >"$SUMMARY"
@@ -45,8 +52,8 @@ note() { echo "$*" | tee -a "$SUMMARY"; }
 
 remaining() { echo $((DEADLINE - ($(date +%s) - START))); }
 
-# run_stage NAME LOGFILE TIMEOUT_S CMD...: runs CMD with its output appended to LOGFILE, under a timeout cut to
-# the time left; records ok / FAILED (rc) / TIMEOUT in the summary.
+# run_stage NAME LOGFILE TIMEOUT_S CMD...: runs CMD with its output appended to LOGFILE (and to $OUT/gpu_check.log),
+# under a timeout cut to the time left; records ok / FAILED (rc) / TIMEOUT in the summary.
 run_stage() {
     local name=$1 log=$2 limit=$3
     shift 3
@@ -60,17 +67,20 @@ run_stage() {
     ((limit > left - 10)) && limit=$((left - 10))
     local t0 rc
     t0=$(date +%s)
-    echo "### $name: $* (timeout ${limit}s)" >>"$log"
-    timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
+    local part=$LOGDIR/.stage
+    echo "### $name: $* (timeout ${limit}s)" >"$part"
+    timeout --kill-after=10 "$limit" "$@" >>"$part" 2>&1
     local rc=$?
+    cat "$part" >>"$log"
+    cat "$part" >>"$LOG"
     local dt=$(($(date +%s) - t0))
     if ((rc == 0)); then
         note "$(printf '%-12s ok        %4ss' "$name" "$dt")"
     elif ((rc == 124 || rc == 137)); then
-        note "$(printf '%-12s TIMEOUT   %4ss  (see %s)' "$name" "$dt" "$(basename "$log")")"
+        note "$(printf '%-12s TIMEOUT   %4ss  (see gpu_check.log)' "$name" "$dt")"
         FAILED=$((FAILED + 1))
     else
-        note "$(printf '%-12s FAILED    %4ss  rc=%s (see %s)' "$name" "$dt" "$rc" "$(basename "$log")")"
+        note "$(printf '%-12s FAILED    %4ss  rc=%s (see gpu_check.log)' "$name" "$dt" "$rc")"
         FAILED=$((FAILED + 1))
     fi
     return "$rc"
@@ -98,7 +108,7 @@ stage_peers() {
         # --target keeps the image's site-packages untouched; sdists (dcnv4) compile here against its torch.
         mkdir -p /tmp/gpu_check_peers
         export PYTHONPATH=/tmp/gpu_check_peers${PYTHONPATH:+:$PYTHONPATH}
-        run_stage peers "$OUT/build.log" 300 "$PY" -m pip install --no-index --no-build-isolation --no-deps \
+        run_stage peers "$LOGDIR/build.log" 300 "$PY" -m pip install --no-index --no-build-isolation --no-deps \
             --target /tmp/gpu_check_peers "$PEER_DIR"/*
     else
         note "$(printf '%-12s skipped   (no PEER_DIR / .peers: peers will read "not installed")' peers)"
@@ -111,9 +121,9 @@ stage_build() {
         note "$(printf '%-12s skipped   (GPU_CHECK_SKIP_BUILD=1)' build)"
     else
         export MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 4)}
-        run_stage build "$OUT/build.log" 400 "$PY" setup.py build_ext --inplace
+        run_stage build "$LOGDIR/build.log" 400 "$PY" setup.py build_ext --inplace
     fi
-    run_stage import "$OUT/build.log" 60 "$PY" -c "
+    run_stage import "$LOGDIR/build.log" 60 "$PY" -c "
 import deformable_detr as dd
 from deformable_detr._extension import load_error
 print('extension error:', load_error())
@@ -129,10 +139,11 @@ if torch.cuda.is_available():
 stage_test() {
     # Some test modules import packages the device image lacks (transformers, pycocotools): their collection
     # errors must not abort the GPU tests of the other modules. rc 5 = nothing collected (fine without a GPU).
-    run_stage pytest-gpu "$OUT/pytest_gpu.log" 240 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfEs --continue-on-collection-errors tests
+    run_stage pytest-gpu "$LOGDIR/pytest_gpu.log" 300 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfEs --durations=15 \
+        --continue-on-collection-errors tests
     local rc=$?
     if ((rc == 5 && HAVE_GPU == 0)); then FAILED=$((FAILED - 1)); fi
-    grep -E '^(FAILED|ERROR)|[0-9]+ (passed|failed|skipped)' "$OUT/pytest_gpu.log" | tail -15 | tee -a "$SUMMARY"
+    grep -E '^(FAILED|ERROR)|[0-9]+ (passed|failed|skipped)' "$LOGDIR/.stage" | tail -15 | tee -a "$SUMMARY"
 }
 
 # --- compute-sanitizer on a small GPU subset
@@ -157,10 +168,10 @@ stage_sanitize() {
         # Without the caching allocator every tensor is its own cudaMalloc, so an out-of-bounds access lands
         # outside any allocation and memcheck sees it instead of reading a neighbour in the same pool block.
         for tool in memcheck racecheck synccheck; do
-            run_stage "$tool" "$OUT/sanitizer.log" 180 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+            run_stage "$tool" "$LOGDIR/sanitizer.log" 180 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
                 "$SAN" --tool "$tool" --error-exitcode 99 --print-limit 20 \
                 "$PY" -m pytest -m gpu -q -x -p no:cacheprovider --continue-on-collection-errors "${files[@]}" "${kargs[@]}"
-            grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|[0-9]+ (passed|failed)' "$OUT/sanitizer.log" | tail -2 |
+            grep -E '^(FAILED|ERROR)|ERROR SUMMARY|RACECHECK SUMMARY|[0-9]+ (passed|failed)' "$LOGDIR/.stage" | tail -6 |
                 sed "s/^/  $tool: /" | tee -a "$SUMMARY"
         done
     fi
@@ -172,12 +183,13 @@ stage_bench() {
         if ((HAVE_GPU)); then BENCH_ARGS=""; else BENCH_ARGS="--quick --suites msda"; fi
     fi
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of words on purpose
-    run_stage bench "$OUT/bench.log" 420 "$PY" -m benchmarks --no-progress --out "$OUT" $BENCH_ARGS
+    run_stage bench "$LOGDIR/bench.log" 420 "$PY" -m benchmarks --no-progress --out "$OUT" $BENCH_ARGS
     # The committed roofline predictions (results/roofline-*.json) gain the measured column and the ratio.
     bench_json=$(ls -t "$OUT"/*.json 2>/dev/null | grep -v roofline | head -1)
     if ((HAVE_GPU)) && [[ -n $bench_json ]]; then
-        "$PY" -m benchmarks.bench_static_roofline "$bench_json" "$OUT" >"$OUT/roofline.log" 2>&1 ||
-            note "roofline-measured failed (see roofline.log)"
+        "$PY" -m benchmarks.bench_static_roofline "$bench_json" "$OUT" >"$LOGDIR/roofline.log" 2>&1 ||
+            note "roofline-measured failed (see gpu_check.log)"
+        cat "$LOGDIR/roofline.log" >>"$LOG"
     fi
 }
 
@@ -189,12 +201,11 @@ for stage in $STAGES; do
 done
 
 echo
-echo "================ gpu_check: $FAILED failed stage(s), $(($(date +%s) - START)) s ================"
-cat "$SUMMARY"
-echo
-# The short table `python -m benchmarks` prints last.
-if [[ -f $OUT/bench.log ]]; then
-    sed -n '/^| suite | case/,$p' "$OUT/bench.log" | tail -150
+# The short table `python -m benchmarks` prints, then the stage table: last, so that a cut-off tail still shows it.
+if [[ -f $LOGDIR/bench.log ]]; then
+    sed -n '/^| suite | case/,$p' "$LOGDIR/bench.log" | tail -150
 fi
 echo "files under $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
+echo "================ gpu_check: $FAILED failed stage(s), $(($(date +%s) - START)) s ================"
+cat "$SUMMARY"
 exit "$FAILED"

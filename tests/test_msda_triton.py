@@ -556,3 +556,73 @@ def test_gpu_torch_compile_inductor_fullgraph():
     out_e.square().sum().backward()
     for g_c, g_e in ((v1.grad, v2.grad), (l1.grad, l2.grad), (a1.grad, a2.grad)):
         torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-4)
+
+
+class _CudaTargetDriver:
+    """Just enough of a Triton driver for TTIR generation: an sm_90 target, no GPU needed."""
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+
+@not_interpreting
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("discrete", [False, True], ids=["bilinear", "discrete"])
+@pytest.mark.parametrize("ragged", [False, True], ids=["uniform", "ragged"])
+def test_compile_sees_only_the_outputs_written(ragged, discrete, monkeypatch):
+    """torch.compile decides from the kernels' TTIR which arguments they write; an input reported as written is
+    copied back after the call, which fails for a leaf that requires grad (the inductor fullgraph test failed
+    so on an H200 on 2026-12-04: sampling_locations "mutated" by the backward). Each kernel variant must write
+    only its outputs."""
+    import triton
+    from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
+
+    from deformable_detr.ops.triton import ms_deform_attn as tri
+
+    N, S, M, D, Q, L, P = 2, 39, 4, 16, 50, 2, 2
+    value = torch.randn(N, S, M, D)
+    shapes = torch.tensor([[6, 5], [3, 3]])
+    level_start = torch.tensor([0, 30])
+    if ragged:
+        point_start = torch.tensor([0, 3, 4])
+        loc, attn = torch.rand(N, Q, M, 4, 2), torch.rand(N, Q, M, 4)
+    else:
+        point_start = None
+        loc, attn = torch.rand(N, Q, M, L, P, 2), torch.rand(N, Q, M, L, P)
+    sizes = tri._sizes(value, shapes, loc, point_start, discrete)
+    sizes["BLOCK_D"] = 16
+    tables = dict(
+        value_ptr=value,
+        shapes_ptr=shapes,
+        level_start_ptr=level_start,
+        point_start_ptr=tri._point_table(point_start, level_start),
+        loc_ptr=loc,
+        attn_ptr=attn,
+    )
+    forward = dict(**tables, out_ptr=torch.empty(N, Q, M * D), **sizes)
+    backward = dict(
+        grad_out_ptr=torch.randn(N, Q, M * D),
+        **tables,
+        grad_value_ptr=torch.zeros(N, S, M, D),
+        grad_loc_ptr=torch.zeros_like(loc),
+        grad_attn_ptr=torch.zeros_like(attn),
+        **sizes,
+    )
+    # The active driver, replaced for this test only (a CPU-only machine has none).
+    monkeypatch.setattr(triton.runtime.driver, "_active", _CudaTargetDriver())
+    written = {
+        kind: {dep.name for dep in identify_accessed_tensors(kernel, kwargs, {}).read_writes.writes}
+        for kind, kernel, kwargs in (
+            ("forward", tri._forward_autotuned, forward),
+            ("backward", tri._backward_autotuned, backward),
+        )
+    }
+    assert written == {
+        "forward": {"out_ptr"},
+        "backward": {"grad_value_ptr", "grad_loc_ptr", "grad_attn_ptr"},
+    }

@@ -20,11 +20,17 @@ level table's way: one scalar load per level) instead of [l * P, (l + 1) * P); D
 ix = clamp(floor(x * W + 0.5), 0, W - 1) (same for y; border-clamped, so +-inf reads the border pixel) with one
 gather per sample, and gives locations no gradient (0; NaN for a NaN location, the NaN rule).
 
-Bad data never leads to a stray access: a level whose map would leave [0, S) reads as empty (_read_level, the CUDA
+Bad data never leads to a stray access: a level whose map would leave [0, S) reads as empty (_checked_level, the CUDA
 kernels' rule). Non-finite rule (README "Backends", csrc/ms_deform_attn/ms_deform_attn_math.h): a sample whose x or y is
 NaN makes every channel of its (n, q, m) head NaN, its location and weight gradients NaN, and adds nothing to
 grad_value; +-inf locations are outside the map; a NaN attention weight propagates by IEEE arithmetic (the corner
 weights of a sample off the map are finite and its corner values 0, so NaN * 0 poisons the head there too).
+
+Pointers are only dereferenced in the kernel bodies (and the gather / scatter helpers): the helpers that compute
+addresses take loaded values, never a table or location pointer. torch.compile's analysis of which arguments a
+user kernel writes (torch._higher_order_ops.triton_kernel_wrap) follows a store's address back through helper
+calls but not through loads, so a pointer passed into an address-computing helper would be reported as written
+(sampling_locations "mutated" -> "a leaf Variable that requires grad is being used in an in-place operation").
 
 The grid is one flat axis (N * M * Q-blocks * D-blocks) so that no dimension runs into CUDA's 65535 limit on
 grid axes 1 and 2; offsets are int64 because N * S * M * D exceeds 2^31 for large batches. A point table whose
@@ -68,13 +74,11 @@ def _bilinear_corners(loc_x, loc_y, H, W, q_mask):
 
 
 @triton.jit
-def _read_level(shapes_ptr, level_start_ptr, level, S):
-    """(H, W, start, ok) of a level. The host cannot check spatial_shapes / level_start_index on the device
-    without a sync, so, as in the CUDA kernels (read_level), a level whose map would leave [0, S) of its (n, m)
-    slice is read as empty (ok False, H = W = start = 0): corrupt shapes give zeros, never a stray access."""
-    H = tl.load(shapes_ptr + 2 * level)
-    W = tl.load(shapes_ptr + 2 * level + 1)
-    start = tl.load(level_start_ptr + level)
+def _checked_level(H, W, start, S):
+    """(H, W, start, ok) of a level from its loaded table entries. The host cannot check spatial_shapes /
+    level_start_index on the device without a sync, so, as in the CUDA kernels (read_level), a level whose map
+    would leave [0, S) of its (n, m) slice is read as empty (ok False, H = W = start = 0): corrupt shapes give
+    zeros, never a stray access."""
     side = 2147483648  # keeps H * W below 2^62: no overflow in the size test
     ok = (H > 0) & (W > 0) & (H < side) & (W < side) & (start >= 0) & (start <= S)
     ok = ok & (tl.where(ok, H, 0) * tl.where(ok, W, 0) <= S - start)
@@ -82,25 +86,17 @@ def _read_level(shapes_ptr, level_start_ptr, level, S):
 
 
 @triton.jit
-def _point_range(point_start_ptr, level, P, K, RAGGED: tl.constexpr):
-    """[begin, end) of the level's points in the flat K axis of one (n, q, m) row."""
-    if RAGGED:
-        begin = tl.minimum(tl.maximum(tl.load(point_start_ptr + level), 0), K)
-        end = tl.minimum(tl.maximum(tl.load(point_start_ptr + level + 1), begin), K)
-    else:
-        begin = level * P
-        end = begin + P
-    return begin, end
+def _clamped_range(first, last, K):
+    """[begin, end) of a level's points from its two point-table entries, clamped into [0, K)."""
+    begin = tl.minimum(tl.maximum(first, 0), K)
+    return begin, tl.minimum(tl.maximum(last, begin), K)
 
 
 @triton.jit
-def _load_discrete_sample(loc_ptr, attn_ptr, sample, q_mask, H, W, level_ok, ACC: tl.constexpr):
-    """Attention weight, pixel index and validity of one discrete sample for a block of queries: the nearest pixel
+def _discrete_sample(loc_x, loc_y, q_mask, H, W, level_ok, ACC: tl.constexpr):
+    """Pixel index and validity of one discrete sample (loaded x, y) for a block of queries: the nearest pixel
     clamp(floor(x * W + 0.5), 0, W - 1), clamp(floor(y * H + 0.5), 0, H - 1) (RT-DETRv2's rule, round half up).
     ``is_nan``: x or y is NaN (the NaN rule; such a sample reads nothing)."""
-    loc_x = tl.load(loc_ptr + 2 * sample, mask=q_mask, other=0.0).to(ACC)
-    loc_y = tl.load(loc_ptr + 2 * sample + 1, mask=q_mask, other=0.0).to(ACC)
-    a = tl.load(attn_ptr + sample, mask=q_mask, other=0.0).to(ACC)
     is_nan = q_mask & ((loc_x != loc_x) | (loc_y != loc_y))
     # Clamped in floating point before the int64 cast: +-inf and huge values land on the border pixel.
     Wf = W.to(ACC)
@@ -109,23 +105,20 @@ def _load_discrete_sample(loc_ptr, attn_ptr, sample, q_mask, H, W, level_ok, ACC
     iy = tl.minimum(tl.maximum(tl.floor(loc_y * Hf + 0.5), 0.0), Hf - 1.0)
     ok = q_mask & level_ok & ~is_nan
     index = tl.where(ok, iy, 0.0).to(tl.int64) * W + tl.where(ok, ix, 0.0).to(tl.int64)
-    return a, index, ok, is_nan
+    return index, ok, is_nan
 
 
 @triton.jit
-def _load_sample(loc_ptr, attn_ptr, sample, q_mask, H, W, level_ok, ACC: tl.constexpr):
-    """Attention weight, bilinear fractions, corner indices and corner validity of one (level, point) sample
-    for a block of queries; ``sample`` is the flat (n, q, m, k) index. ``is_nan``: the sample's x or y is NaN
-    (its head's output and its location / weight gradients are NaN; it reads nothing)."""
-    loc_x = tl.load(loc_ptr + 2 * sample, mask=q_mask, other=0.0).to(ACC)
-    loc_y = tl.load(loc_ptr + 2 * sample + 1, mask=q_mask, other=0.0).to(ACC)
-    a = tl.load(attn_ptr + sample, mask=q_mask, other=0.0).to(ACC)
+def _bilinear_sample(loc_x, loc_y, q_mask, H, W, level_ok):
+    """Bilinear fractions, corner indices and corner validity of one (level, point) sample (loaded x, y) for a
+    block of queries. ``is_nan``: the sample's x or y is NaN (its head's output and its location / weight
+    gradients are NaN; it reads nothing)."""
     live = q_mask & level_ok
     h0, w0, lh, lw, h0_ok, h1_ok, w0_ok, w1_ok = _bilinear_corners(loc_x, loc_y, H, W, live)
     # On an empty level too: the rule holds for every sample off the map (as the CPU and CUDA kernels do).
     is_nan = q_mask & ((loc_x != loc_x) | (loc_y != loc_y))
     top = h0 * W + w0
-    return a, lh, lw, top, top + W, h0_ok & w0_ok, h0_ok & w1_ok, h1_ok & w0_ok, h1_ok & w1_ok, is_nan
+    return lh, lw, top, top + W, h0_ok & w0_ok, h0_ok & w1_ok, h1_ok & w0_ok, h1_ok & w1_ok, is_nan
 
 
 @triton.jit
@@ -179,17 +172,26 @@ def _msda_forward_kernel(
 
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=ACC)
     for level in range(L):
-        H, W, start, level_ok = _read_level(shapes_ptr, level_start_ptr, level, S)
+        H, W, start, level_ok = _checked_level(
+            tl.load(shapes_ptr + 2 * level), tl.load(shapes_ptr + 2 * level + 1), tl.load(level_start_ptr + level), S
+        )
         level_ptr = value_nm_ptr + start * row_stride
-        begin, end = _point_range(point_start_ptr, level, P, K, RAGGED)
+        if RAGGED:
+            begin, end = _clamped_range(tl.load(point_start_ptr + level), tl.load(point_start_ptr + level + 1), K)
+        else:
+            begin = level * P
+            end = begin + P
         for point in range(begin, end):
             sample = sample_base + point
+            loc_x = tl.load(loc_ptr + 2 * sample, mask=q_mask, other=0.0).to(ACC)
+            loc_y = tl.load(loc_ptr + 2 * sample + 1, mask=q_mask, other=0.0).to(ACC)
+            a = tl.load(attn_ptr + sample, mask=q_mask, other=0.0).to(ACC)
             if DISCRETE:
-                a, index, ok, is_nan = _load_discrete_sample(loc_ptr, attn_ptr, sample, q_mask, H, W, level_ok, ACC)
+                index, ok, is_nan = _discrete_sample(loc_x, loc_y, q_mask, H, W, level_ok, ACC)
                 acc += a[:, None] * _gather(level_ptr, index, ok, d, d_mask, row_stride, ACC)
             else:
-                a, lh, lw, top, bottom, ok00, ok01, ok10, ok11, is_nan = _load_sample(
-                    loc_ptr, attn_ptr, sample, q_mask, H, W, level_ok, ACC
+                lh, lw, top, bottom, ok00, ok01, ok10, ok11, is_nan = _bilinear_sample(
+                    loc_x, loc_y, q_mask, H, W, level_ok
                 )
                 hh = 1.0 - lh
                 hw = 1.0 - lw
@@ -261,21 +263,31 @@ def _msda_backward_kernel(
     sample_base = ((n * Q + q) * M + m) * K
 
     for level in range(L):
-        H, W, start, level_ok = _read_level(shapes_ptr, level_start_ptr, level, S)
+        H, W, start, level_ok = _checked_level(
+            tl.load(shapes_ptr + 2 * level), tl.load(shapes_ptr + 2 * level + 1), tl.load(level_start_ptr + level), S
+        )
         level_offset = start * row_stride
         level_ptr = value_nm_ptr + level_offset
         grad_level_ptr = grad_value_nm_ptr + level_offset
-        begin, end = _point_range(point_start_ptr, level, P, K, RAGGED)
+        if RAGGED:
+            begin, end = _clamped_range(tl.load(point_start_ptr + level), tl.load(point_start_ptr + level + 1), K)
+        else:
+            begin = level * P
+            end = begin + P
         for point in range(begin, end):
             sample = sample_base + point
+            loc_x = tl.load(loc_ptr + 2 * sample, mask=q_mask, other=0.0).to(ACC)
+            loc_y = tl.load(loc_ptr + 2 * sample + 1, mask=q_mask, other=0.0).to(ACC)
+            a = tl.load(attn_ptr + sample, mask=q_mask, other=0.0).to(ACC)
             if DISCRETE:
                 _discrete_backward(
                     grad_out_ptr,
                     grad_out_rows,
                     level_ptr,
                     grad_level_ptr,
-                    loc_ptr,
-                    attn_ptr,
+                    loc_x,
+                    loc_y,
+                    a,
                     grad_loc_ptr,
                     grad_attn_ptr,
                     sample,
@@ -295,8 +307,9 @@ def _msda_backward_kernel(
                     grad_out_rows,
                     level_ptr,
                     grad_level_ptr,
-                    loc_ptr,
-                    attn_ptr,
+                    loc_x,
+                    loc_y,
+                    a,
                     grad_loc_ptr,
                     grad_attn_ptr,
                     sample,
@@ -318,8 +331,9 @@ def _bilinear_backward(
     grad_out_rows,
     level_ptr,
     grad_level_ptr,
-    loc_ptr,
-    attn_ptr,
+    loc_x,
+    loc_y,
+    a,
     grad_loc_ptr,
     grad_attn_ptr,
     sample,
@@ -333,9 +347,7 @@ def _bilinear_backward(
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    a, lh, lw, top, bottom, ok00, ok01, ok10, ok11, is_nan = _load_sample(
-        loc_ptr, attn_ptr, sample, q_mask, H, W, level_ok, ACC
-    )
+    lh, lw, top, bottom, ok00, ok01, ok10, ok11, is_nan = _bilinear_sample(loc_x, loc_y, q_mask, H, W, level_ok)
     hh = 1.0 - lh
     hw = 1.0 - lw
     # s_k = sum_d grad_out * v_k: every gradient of this sample except grad_value is a combination of
@@ -380,8 +392,9 @@ def _discrete_backward(
     grad_out_rows,
     level_ptr,
     grad_level_ptr,
-    loc_ptr,
-    attn_ptr,
+    loc_x,
+    loc_y,
+    a,
     grad_loc_ptr,
     grad_attn_ptr,
     sample,
@@ -395,7 +408,7 @@ def _discrete_backward(
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    a, index, ok, is_nan = _load_discrete_sample(loc_ptr, attn_ptr, sample, q_mask, H, W, level_ok, ACC)
+    index, ok, is_nan = _discrete_sample(loc_x, loc_y, q_mask, H, W, level_ok, ACC)
     # grad weight = <grad_out, v[pixel]>; grad_value[pixel] += a * grad_out; the location gets none.
     dot = tl.zeros([BLOCK_Q], dtype=ACC)
     for d_start in range(0, D, BLOCK_D):
