@@ -97,3 +97,21 @@ def test_emulated_sectors_per_request_within_budget(emulated_rows):
             )
         checked += 1
     assert checked == len(HOT), f"checked {checked} hot launches, expected {len(HOT)}"
+
+
+def test_triton_kernels_compile_for_the_static_table():
+    """The static table compiles every Triton config ahead of time from a hand-built signature; when a kernel gains
+    an argument the signature must follow (the 2026-12-04 table had every Triton row "not compiled" after the
+    point_start / K / RAGGED / DISCRETE arguments were added). sm_90, fp32 and bf16, every autotune config; the
+    committed table must hold no "not compiled" Triton row either."""
+    pytest.importorskip("triton")
+    from benchmarks import bench_static, bench_static_sass
+
+    if bench_static_sass.tool("cuobjdump") is None:
+        pytest.skip("cuobjdump (CUDA toolkit) not found: the static table reads registers with it")
+    rows = bench_static.triton_rows(archs=("sm_90",), dtypes=("fp32", "bf16"))
+    failed = [f"{r['kernel']} {r['dtype']} {r['config']}: {r['status'][:200]}" for r in rows if r.get("status")]
+    assert not failed, "\n".join(failed)
+    assert all(r["registers"] > 0 for r in rows)
+    committed = [r for r in _committed("static") if r.get("backend") == "triton"]
+    assert committed and not [r for r in committed if str(r.get("status", "")).startswith("not compiled")]
