@@ -279,151 +279,53 @@ def _msda_backward_kernel(
             loc_x = tl.load(loc_ptr + 2 * sample, mask=q_mask, other=0.0).to(ACC)
             loc_y = tl.load(loc_ptr + 2 * sample + 1, mask=q_mask, other=0.0).to(ACC)
             a = tl.load(attn_ptr + sample, mask=q_mask, other=0.0).to(ACC)
+            # The sample's corners: four bilinear ones, or for DISCRETE the one nearest pixel as (top, ok00).
             if DISCRETE:
-                _discrete_backward(
-                    grad_out_ptr,
-                    grad_out_rows,
-                    level_ptr,
-                    grad_level_ptr,
-                    loc_x,
-                    loc_y,
-                    a,
-                    grad_loc_ptr,
-                    grad_attn_ptr,
-                    sample,
-                    q_mask,
-                    H,
-                    W,
-                    level_ok,
-                    D,
-                    row_stride,
-                    BLOCK_Q,
-                    BLOCK_D,
-                    ACC,
-                )
+                top, ok00, is_nan = _discrete_sample(loc_x, loc_y, q_mask, H, W, level_ok, ACC)
             else:
-                _bilinear_backward(
-                    grad_out_ptr,
-                    grad_out_rows,
-                    level_ptr,
-                    grad_level_ptr,
-                    loc_x,
-                    loc_y,
-                    a,
-                    grad_loc_ptr,
-                    grad_attn_ptr,
-                    sample,
-                    q_mask,
-                    H,
-                    W,
-                    level_ok,
-                    D,
-                    row_stride,
-                    BLOCK_Q,
-                    BLOCK_D,
-                    ACC,
+                lh, lw, top, bottom, ok00, ok01, ok10, ok11, is_nan = _bilinear_sample(
+                    loc_x, loc_y, q_mask, H, W, level_ok
                 )
-
-
-@triton.jit
-def _bilinear_backward(
-    grad_out_ptr,
-    grad_out_rows,
-    level_ptr,
-    grad_level_ptr,
-    loc_x,
-    loc_y,
-    a,
-    grad_loc_ptr,
-    grad_attn_ptr,
-    sample,
-    q_mask,
-    H,
-    W,
-    level_ok,
-    D,
-    row_stride,
-    BLOCK_Q: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    ACC: tl.constexpr,
-):
-    lh, lw, top, bottom, ok00, ok01, ok10, ok11, is_nan = _bilinear_sample(loc_x, loc_y, q_mask, H, W, level_ok)
-    hh = 1.0 - lh
-    hw = 1.0 - lw
-    # s_k = sum_d grad_out * v_k: every gradient of this sample except grad_value is a combination of
-    # these four dot products.
-    s00 = tl.zeros([BLOCK_Q], dtype=ACC)
-    s01 = tl.zeros([BLOCK_Q], dtype=ACC)
-    s10 = tl.zeros([BLOCK_Q], dtype=ACC)
-    s11 = tl.zeros([BLOCK_Q], dtype=ACC)
-    for d_start in range(0, D, BLOCK_D):
-        d = d_start + tl.arange(0, BLOCK_D)
-        d_mask = d < D
-        go = tl.load(
-            grad_out_ptr + grad_out_rows[:, None] + d[None, :],
-            mask=q_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        ).to(ACC)
-        s00 += tl.sum(go * _gather(level_ptr, top, ok00, d, d_mask, row_stride, ACC), axis=1)
-        s01 += tl.sum(go * _gather(level_ptr, top + 1, ok01, d, d_mask, row_stride, ACC), axis=1)
-        s10 += tl.sum(go * _gather(level_ptr, bottom, ok10, d, d_mask, row_stride, ACC), axis=1)
-        s11 += tl.sum(go * _gather(level_ptr, bottom + 1, ok11, d, d_mask, row_stride, ACC), axis=1)
-        a_go = a[:, None] * go
-        _scatter(grad_level_ptr, top, ok00, d, d_mask, row_stride, (hh * hw)[:, None] * a_go)
-        _scatter(grad_level_ptr, top + 1, ok01, d, d_mask, row_stride, (hh * lw)[:, None] * a_go)
-        _scatter(grad_level_ptr, bottom, ok10, d, d_mask, row_stride, (lh * hw)[:, None] * a_go)
-        _scatter(grad_level_ptr, bottom + 1, ok11, d, d_mask, row_stride, (lh * lw)[:, None] * a_go)
-    # Invalid corners have s_k = 0 (masked loads), which is exactly the zero-padding gradient.
-    grad_a = hh * hw * s00 + hh * lw * s01 + lh * hw * s10 + lh * lw * s11
-    grad_w_im = a * (hh * (s01 - s00) + lh * (s11 - s10))
-    grad_h_im = a * (hw * (s10 - s00) + lw * (s11 - s01))
-    grad_x = tl.where(is_nan, float("nan"), grad_w_im * W.to(ACC))
-    grad_y = tl.where(is_nan, float("nan"), grad_h_im * H.to(ACC))
-    grad_a = tl.where(is_nan, float("nan"), grad_a)
-    loc_ty = grad_loc_ptr.dtype.element_ty
-    tl.store(grad_loc_ptr + 2 * sample, grad_x.to(loc_ty), mask=q_mask)
-    tl.store(grad_loc_ptr + 2 * sample + 1, grad_y.to(loc_ty), mask=q_mask)
-    tl.store(grad_attn_ptr + sample, grad_a.to(grad_attn_ptr.dtype.element_ty), mask=q_mask)
-
-
-@triton.jit
-def _discrete_backward(
-    grad_out_ptr,
-    grad_out_rows,
-    level_ptr,
-    grad_level_ptr,
-    loc_x,
-    loc_y,
-    a,
-    grad_loc_ptr,
-    grad_attn_ptr,
-    sample,
-    q_mask,
-    H,
-    W,
-    level_ok,
-    D,
-    row_stride,
-    BLOCK_Q: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    ACC: tl.constexpr,
-):
-    index, ok, is_nan = _discrete_sample(loc_x, loc_y, q_mask, H, W, level_ok, ACC)
-    # grad weight = <grad_out, v[pixel]>; grad_value[pixel] += a * grad_out; the location gets none.
-    dot = tl.zeros([BLOCK_Q], dtype=ACC)
-    for d_start in range(0, D, BLOCK_D):
-        d = d_start + tl.arange(0, BLOCK_D)
-        d_mask = d < D
-        go = tl.load(
-            grad_out_ptr + grad_out_rows[:, None] + d[None, :],
-            mask=q_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        ).to(ACC)
-        dot += tl.sum(go * _gather(level_ptr, index, ok, d, d_mask, row_stride, ACC), axis=1)
-        _scatter(grad_level_ptr, index, ok, d, d_mask, row_stride, a[:, None] * go)
-    grad_xy = tl.where(is_nan, float("nan"), tl.zeros([BLOCK_Q], dtype=ACC))
-    grad_a = tl.where(is_nan, float("nan"), dot)
-    loc_ty = grad_loc_ptr.dtype.element_ty
-    tl.store(grad_loc_ptr + 2 * sample, grad_xy.to(loc_ty), mask=q_mask)
-    tl.store(grad_loc_ptr + 2 * sample + 1, grad_xy.to(loc_ty), mask=q_mask)
-    tl.store(grad_attn_ptr + sample, grad_a.to(grad_attn_ptr.dtype.element_ty), mask=q_mask)
+                hh = 1.0 - lh
+                hw = 1.0 - lw
+                s01 = tl.zeros([BLOCK_Q], dtype=ACC)
+                s10 = tl.zeros([BLOCK_Q], dtype=ACC)
+                s11 = tl.zeros([BLOCK_Q], dtype=ACC)
+            # s_k = sum_d grad_out * v_k: every gradient of this sample except grad_value is a combination of
+            # these dot products (one for DISCRETE, four for bilinear).
+            s00 = tl.zeros([BLOCK_Q], dtype=ACC)
+            for d_start in range(0, D, BLOCK_D):
+                d = d_start + tl.arange(0, BLOCK_D)
+                d_mask = d < D
+                go = tl.load(
+                    grad_out_ptr + grad_out_rows[:, None] + d[None, :],
+                    mask=q_mask[:, None] & d_mask[None, :],
+                    other=0.0,
+                ).to(ACC)
+                a_go = a[:, None] * go
+                s00 += tl.sum(go * _gather(level_ptr, top, ok00, d, d_mask, row_stride, ACC), axis=1)
+                if DISCRETE:
+                    _scatter(grad_level_ptr, top, ok00, d, d_mask, row_stride, a_go)
+                else:
+                    s01 += tl.sum(go * _gather(level_ptr, top + 1, ok01, d, d_mask, row_stride, ACC), axis=1)
+                    s10 += tl.sum(go * _gather(level_ptr, bottom, ok10, d, d_mask, row_stride, ACC), axis=1)
+                    s11 += tl.sum(go * _gather(level_ptr, bottom + 1, ok11, d, d_mask, row_stride, ACC), axis=1)
+                    _scatter(grad_level_ptr, top, ok00, d, d_mask, row_stride, (hh * hw)[:, None] * a_go)
+                    _scatter(grad_level_ptr, top + 1, ok01, d, d_mask, row_stride, (hh * lw)[:, None] * a_go)
+                    _scatter(grad_level_ptr, bottom, ok10, d, d_mask, row_stride, (lh * hw)[:, None] * a_go)
+                    _scatter(grad_level_ptr, bottom + 1, ok11, d, d_mask, row_stride, (lh * lw)[:, None] * a_go)
+            if DISCRETE:
+                # grad weight = <grad_out, v[pixel]>; the location gets no gradient.
+                grad_a = s00
+                grad_x = tl.zeros([BLOCK_Q], dtype=ACC)
+                grad_y = grad_x
+            else:
+                # Invalid corners have s_k = 0 (masked loads), which is exactly the zero-padding gradient.
+                grad_a = hh * hw * s00 + hh * lw * s01 + lh * hw * s10 + lh * lw * s11
+                grad_x = a * (hh * (s01 - s00) + lh * (s11 - s10)) * W.to(ACC)
+                grad_y = a * (hw * (s10 - s00) + lw * (s11 - s01)) * H.to(ACC)
+            loc_ty = grad_loc_ptr.dtype.element_ty
+            tl.store(grad_loc_ptr + 2 * sample, tl.where(is_nan, float("nan"), grad_x).to(loc_ty), mask=q_mask)
+            tl.store(grad_loc_ptr + 2 * sample + 1, tl.where(is_nan, float("nan"), grad_y).to(loc_ty), mask=q_mask)
+            grad_a = tl.where(is_nan, float("nan"), grad_a)
+            tl.store(grad_attn_ptr + sample, grad_a.to(grad_attn_ptr.dtype.element_ty), mask=q_mask)
