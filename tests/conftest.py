@@ -1,5 +1,6 @@
 import pytest
 import torch
+from support.pipeline import tiny_dataset, train_args
 
 
 def pytest_collection_modifyitems(config, items):
@@ -18,3 +19,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """The tiny synthetic dataset (support.pipeline.tiny_dataset), once per test module."""
+    return tiny_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def trained(data_root, tmp_path_factory):
+    """A run directory after one epoch of the tiny model (``python -m deformable_detr train``), once per module."""
+    from deformable_detr.cli import main
+
+    out = tmp_path_factory.mktemp("run")
+    assert main(train_args(data_root, out, "--epochs", "1")) == 0
+    return out

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_pipeline_cli import _train_args  # the tiny model and data the CLI tests train
+from support.pipeline import train_args
 
 from deformable_detr.cli import build_parser, main
-from deformable_detr.data import SyntheticSpec, prepare_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "deformable_detr"
@@ -114,14 +113,8 @@ def test_ap_axis_follows_small_aps():
     assert low == 0 and 0.03 <= high <= 0.05
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    spec = SyntheticSpec(image_size=48, num_train=4, num_val=2, num_crowded=0, max_objects=3)
-    return prepare_synthetic(spec, root=tmp_path_factory.mktemp("data"))
-
-
 def test_coco_table_once_and_no_cardinality_for_sigmoid_models(data_root, tmp_path, capsys):
-    args = _train_args(str(data_root), tmp_path / "a", "--epochs", "2", "--eval-every", "1")
+    args = train_args(str(data_root), tmp_path / "a", "--epochs", "2", "--eval-every", "1")
     args.remove("--quiet")
     assert main(args) == 0
     table_line = "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all"  # once per table
@@ -129,7 +122,7 @@ def test_coco_table_once_and_no_cardinality_for_sigmoid_models(data_root, tmp_pa
     records = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert all("val_AP" in r for r in records)  # evaluated twice, printed once
     assert not any(k.startswith("train_cardinality") for r in records for k in r)
-    args = _train_args(str(data_root), tmp_path / "b", "--epochs", "2", "--eval-every", "1", "--verbose")
+    args = train_args(str(data_root), tmp_path / "b", "--epochs", "2", "--eval-every", "1", "--verbose")
     args.remove("--quiet")
     assert main(args) == 0
     assert capsys.readouterr().out.count(table_line) == 2

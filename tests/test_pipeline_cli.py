@@ -12,30 +12,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support.pipeline import train_args
 
 from deformable_detr.cli import build_parser, main, train_config_from_args
 from deformable_detr.data import SyntheticSpec, prepare_synthetic
 from deformable_detr.engine.checkpoint import load_checkpoint_file
-
-TINY_MODEL = [
-    "--set", "backbone=resnet18", "--set", "hidden_dim=32", "--set", "nheads=2", "--set", "dim_feedforward=32",
-    "--set", "enc_layers=1", "--set", "dec_layers=2", "--set", "num_feature_levels=3", "--set", "enc_n_points=1",
-    "--set", "dec_n_points=1", "--set", "dropout=0.0", "--num-queries", "6",
-]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    spec = SyntheticSpec(image_size=48, num_train=4, num_val=2, num_crowded=0, max_objects=3)
-    return str(prepare_synthetic(spec, root=tmp_path_factory.mktemp("data")))
-
-
-def _train_args(data_root, out, *extra):
-    return [
-        "train", "--data", data_root, "--output-dir", str(out), "--image-size", "48", "--batch-size", "2",
-        "--num-workers", "0", "--augmentation", "none", "--lr-drop", "1", "--lr", "1e-3", "--quiet",
-        "--device", "cpu", *TINY_MODEL, *extra,
-    ]  # fmt: skip
 
 
 def _assert_same_state(a: dict, b: dict, exact: bool = True, atol: float = 0.0):
@@ -51,7 +32,7 @@ def _assert_same_state(a: dict, b: dict, exact: bool = True, atol: float = 0.0):
 def trained(data_root, tmp_path_factory):
     """Two epochs (2 steps each) straight through."""
     out = tmp_path_factory.mktemp("full")
-    assert main(_train_args(data_root, out, "--epochs", "2")) == 0
+    assert main(train_args(data_root, out, "--epochs", "2")) == 0
     return out
 
 
@@ -74,7 +55,7 @@ def test_train_writes_all_outputs(trained):
 
 
 def test_resume_is_bit_exact(data_root, trained, tmp_path):
-    assert main(_train_args(data_root, tmp_path, "--epochs", "1")) == 0
+    assert main(train_args(data_root, tmp_path, "--epochs", "1")) == 0
     first = load_checkpoint_file(tmp_path / "checkpoint.pth")
     assert first["epoch"] == 0
     assert main(["train", "--resume", str(tmp_path / "checkpoint.pth"), "--epochs", "2", "--quiet"]) == 0
@@ -92,7 +73,7 @@ def test_resume_is_bit_exact(data_root, trained, tmp_path):
 
 def test_resume_changes_nothing_without_the_same_start(data_root, trained, tmp_path):
     """Guard against a vacuous resume test: a different seed must give different weights."""
-    assert main(_train_args(data_root, tmp_path, "--epochs", "2", "--seed", "7")) == 0
+    assert main(train_args(data_root, tmp_path, "--epochs", "2", "--seed", "7")) == 0
     other = load_checkpoint_file(tmp_path / "checkpoint.pth")["model"]
     full = load_checkpoint_file(trained / "checkpoint.pth")["model"]
     assert any(not torch.equal(other[k], full[k]) for k in full if full[k].is_floating_point())
@@ -104,7 +85,7 @@ def test_ddp_two_cpu_processes_match_single_process(data_root, trained, tmp_path
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "deformable_detr", *_train_args(data_root, tmp_path, "--epochs", "2"),
+        "-m", "deformable_detr", *train_args(data_root, tmp_path, "--epochs", "2"),
     ]  # fmt: skip
     cmd[cmd.index("--batch-size") + 1] = "1"
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -136,7 +117,7 @@ def test_evaluate_prints_table_and_writes_json(trained, data_root, tmp_path, cap
 
 
 def test_predict_draws_boxes(trained, data_root, tmp_path):
-    image_path = os.path.join(data_root, "val2017", "000000.png")
+    image_path = os.path.join(str(data_root), "val2017", "000000.png")
     out = tmp_path / "pred"
     assert main(["predict", "--checkpoint", str(trained / "checkpoint.pth"), image_path, "--output", str(out),
                  "--threshold", "0.0"]) == 0  # fmt: skip
@@ -172,7 +153,7 @@ def test_crowded_images_need_and_get_more_than_100_queries(tmp_path):
     spec = SyntheticSpec(image_size=48, num_train=0, num_val=0, num_crowded=2, crowded_image_size=128)
     root = str(prepare_synthetic(spec, root=tmp_path / "data"))
     out = tmp_path / "run"
-    args = _train_args(root, out, "--epochs", "1", "--train-split", "crowded", "--val-split", "crowded")
+    args = train_args(root, out, "--epochs", "1", "--train-split", "crowded", "--val-split", "crowded")
     args[args.index("--num-queries") + 1] = "150"
     args[args.index("--image-size") + 1] = "128"
     assert main([*args, "--max-dets", "150"]) == 0

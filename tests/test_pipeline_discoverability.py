@@ -48,12 +48,12 @@ def test_missing_extension_warns_once_and_says_why(tmp_path):
 
 
 def test_train_logs_the_backend(tmp_path, capsys):
-    from test_pipeline_cli import _train_args
+    from support.pipeline import train_args
 
     from deformable_detr.data import SyntheticSpec, prepare_synthetic
 
     root = prepare_synthetic(SyntheticSpec(image_size=48, num_train=2, num_val=1, num_crowded=0), root=tmp_path)
-    args = _train_args(str(root), tmp_path / "out", "--epochs", "1")
+    args = train_args(root, tmp_path / "out", "--epochs", "1")
     assert main(args) == 0
     assert re.search(r"^MSDA backend: (cpu on cpu|pytorch \(the slow)", capsys.readouterr().out, re.M)
 

@@ -11,34 +11,14 @@ import sys
 import pytest
 import torch
 from PIL import Image
-from test_pipeline_cli import _train_args  # the tiny model and data the CLI tests train
+from support.pipeline import one_line_error, train_args
 
 from deformable_detr.cli import main
-from deformable_detr.data import CocoDetection, SyntheticSpec, prepare_synthetic
+from deformable_detr.data import CocoDetection
 from deformable_detr.engine import trainer
 from deformable_detr.engine.checkpoint import load_checkpoint_file
 from deformable_detr.engine.evaluator import CocoEvaluator
 from deformable_detr.engine.predict import Predictor
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    spec = SyntheticSpec(image_size=48, num_train=4, num_val=2, num_crowded=0, max_objects=3)
-    return prepare_synthetic(spec, root=tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
-def trained(data_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    assert main(_train_args(str(data_root), out, "--epochs", "1")) == 0
-    return out
-
-
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    return err
-
 
 # --- 1. nothing is lost: pre-flight checks, checkpoint before evaluation
 
@@ -47,8 +27,8 @@ def test_missing_package_stops_train_before_the_first_step(data_root, tmp_path, 
     monkeypatch.setitem(sys.modules, "pycocotools", None)  # makes `import pycocotools` raise ImportError
     steps = []
     monkeypatch.setattr(trainer, "train_one_epoch", lambda *a, **k: steps.append(1))
-    assert main(_train_args(str(data_root), tmp_path, "--epochs", "1")) == 2
-    err = _one_line_error(capsys)
+    assert main(train_args(str(data_root), tmp_path, "--epochs", "1")) == 2
+    err = one_line_error(capsys)
     # The package is not published: the hint installs the extra from the checkout (issue 21, item 8).
     assert "pycocotools" in err and 'pip install --no-build-isolation ".[train]"' in err
     assert not steps and not (tmp_path / "checkpoint.pth").exists()
@@ -60,8 +40,8 @@ def test_missing_val_image_stops_train_before_the_first_step(data_root, tmp_path
     (root / "val2017" / "000001.png").unlink()
     steps = []
     monkeypatch.setattr(trainer, "train_one_epoch", lambda *a, **k: steps.append(1))
-    assert main(_train_args(str(root), tmp_path / "out", "--epochs", "1")) == 2
-    err = _one_line_error(capsys)
+    assert main(train_args(str(root), tmp_path / "out", "--epochs", "1")) == 2
+    err = one_line_error(capsys)
     assert "val split" in err and "000001.png" in err and "1 of 2" in err
     assert not steps
 
@@ -72,7 +52,7 @@ def test_checkpoint_is_saved_before_evaluation(data_root, tmp_path, monkeypatch)
 
     monkeypatch.setattr(trainer, "evaluate", failing_evaluate)
     with pytest.raises(RuntimeError, match="evaluation crashed"):
-        main(_train_args(str(data_root), tmp_path, "--epochs", "1"))
+        main(train_args(str(data_root), tmp_path, "--epochs", "1"))
     assert load_checkpoint_file(tmp_path / "checkpoint.pth")["epoch"] == 0
 
 
@@ -146,8 +126,8 @@ def test_annotation_file_errors_name_the_file(data_root, tmp_path, capsys, conte
     with pytest.raises(ValueError, match=re.escape(expected)) as info:
         CocoDetection(root / "val2017", ann)
     assert str(ann) in str(info.value)
-    assert main(_train_args(str(root), tmp_path / "out", "--epochs", "1")) == 2
-    assert str(ann) in _one_line_error(capsys)
+    assert main(train_args(str(root), tmp_path / "out", "--epochs", "1")) == 2
+    assert str(ann) in one_line_error(capsys)
 
 
 def test_checkpoint_errors_are_one_line(trained, tmp_path, capsys):
@@ -163,10 +143,10 @@ def test_checkpoint_errors_are_one_line(trained, tmp_path, capsys):
     }
     for name, expected in cases.items():
         assert main(["evaluate", "--checkpoint", str(tmp_path / name)]) == 2
-        err = _one_line_error(capsys)
+        err = one_line_error(capsys)
         assert expected in err and str(tmp_path) in err
     assert main(["evaluate", "--checkpoint", str(trained)]) == 2
-    assert "pass that file" in _one_line_error(capsys)
+    assert "pass that file" in one_line_error(capsys)
 
 
 def test_predict_skips_bad_files_and_goes_on(trained, data_root, tmp_path, capsys):

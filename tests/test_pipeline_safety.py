@@ -11,34 +11,14 @@ import shutil
 
 import pytest
 import torch
-from test_pipeline_cli import _train_args  # the tiny model and data the CLI tests train
+from support.pipeline import one_line_error, train_args
 
 from deformable_detr import models
 from deformable_detr.cli import main
-from deformable_detr.data import SyntheticSpec, prepare_synthetic
 from deformable_detr.engine import trainer
 from deformable_detr.engine.checkpoint import load_checkpoint_file
 from deformable_detr.engine.predict import Predictor
 from deformable_detr.models.checkpoint import official_model_config
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    spec = SyntheticSpec(image_size=48, num_train=4, num_val=2, num_crowded=0, max_objects=3)
-    return prepare_synthetic(spec, root=tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
-def trained(data_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    assert main(_train_args(str(data_root), out, "--epochs", "1")) == 0
-    return out
-
-
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    return err
 
 
 @pytest.fixture
@@ -56,8 +36,8 @@ def no_work(monkeypatch):
 
 def test_train_refuses_an_existing_run_before_any_work(trained, data_root, capsys, no_work):
     before = {name: (trained / name).read_bytes() for name in ("checkpoint.pth", "log.jsonl", "eval.json")}
-    assert main(_train_args(str(data_root), trained, "--epochs", "1")) == 2
-    err = _one_line_error(capsys)
+    assert main(train_args(str(data_root), trained, "--epochs", "1")) == 2
+    err = one_line_error(capsys)
     assert str(trained / "checkpoint.pth") in err and "--overwrite" in err and "--resume" in err
     assert {name: (trained / name).read_bytes() for name in before} == before
 
@@ -66,7 +46,7 @@ def test_train_overwrite_replaces_the_run(trained, data_root, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     old = (run / "checkpoint.pth").read_bytes()
-    assert main(_train_args(str(data_root), run, "--epochs", "1", "--seed", "3", "--overwrite")) == 0
+    assert main(train_args(str(data_root), run, "--epochs", "1", "--seed", "3", "--overwrite")) == 0
     assert (run / "checkpoint.pth").read_bytes() != old
     assert len((run / "log.jsonl").read_text().splitlines()) == 1
 
@@ -85,7 +65,7 @@ def test_predict_same_basenames_from_two_folders_and_no_overwrite(trained, data_
     capsys.readouterr()
     stamp = (out / "a_000000.png").stat().st_mtime_ns
     assert main(["predict", "--checkpoint", ckpt, *images, "--output", str(out)]) == 2
-    err = _one_line_error(capsys)
+    err = one_line_error(capsys)
     assert "a_000000.png" in err and "--overwrite" in err
     assert (out / "a_000000.png").stat().st_mtime_ns == stamp
     assert main(["predict", "--checkpoint", ckpt, *images, "--output", str(out), "--overwrite"]) == 0
@@ -105,7 +85,7 @@ def test_evaluate_on_other_data_keeps_the_runs_metrics(trained, data_root, tmp_p
     # An explicit --output is never replaced without --overwrite.
     capsys.readouterr()
     assert main(["evaluate", "--checkpoint", ckpt, "--output", str(run / "eval.json"), "--quiet"]) == 2
-    assert str(run / "eval.json") in _one_line_error(capsys)
+    assert str(run / "eval.json") in one_line_error(capsys)
 
 
 # --- item 3: flags a resumed run cannot honour are errors
@@ -126,7 +106,7 @@ def test_resume_refuses_flags_it_cannot_honour(trained, tmp_path, capsys, no_wor
     shutil.copytree(trained, run)
     before = (run / "checkpoint.pth").read_bytes()
     assert main(["train", "--resume", str(run / "checkpoint.pth"), "--epochs", "2", "--quiet", *flags]) == 2
-    err = _one_line_error(capsys)
+    err = one_line_error(capsys)
     assert named in err and "the checkpoint has" in err
     assert (run / "checkpoint.pth").read_bytes() == before
 
@@ -153,7 +133,7 @@ def test_foreign_checkpoint_is_one_line_before_any_data(data_root, tmp_path, cap
     ):
         capsys.readouterr()
         assert main(argv) == 2
-        err = _one_line_error(capsys)
+        err = one_line_error(capsys)
         assert str(path) in err and "not a checkpoint written by train" in err and "encoder.weight" not in err
         assert "'model'" in err and "'epoch'" in err  # what was found
 
@@ -192,16 +172,16 @@ def test_official_checkpoints_load_for_evaluate_and_predict(data_root, tmp_path,
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     # evaluate needs the data (an official checkpoint records none): one line, nothing generated.
     assert main(["evaluate", "--checkpoint", str(path)]) == 2
-    assert "pass --data" in _one_line_error(capsys)
+    assert "pass --data" in one_line_error(capsys)
     # Its 5 category-id labels (ids 1-4 + unused 0) fit the synthetic folder read with label_map category_id.
     assert main(["evaluate", "--checkpoint", str(path), "--data", str(data_root), "--image-size", "48", "--quiet"]) == 0
     assert (path.parent / f"eval_{data_root.name}_val2017.json").is_file()
 
 
 def test_backbone_weights_that_are_our_checkpoint_is_one_line(trained, data_root, tmp_path, capsys, no_work):
-    argv = _train_args(str(data_root), tmp_path / "out", "--backbone-weights", str(trained / "checkpoint.pth"))
+    argv = train_args(str(data_root), tmp_path / "out", "--backbone-weights", str(trained / "checkpoint.pth"))
     assert main(argv) == 2
-    err = _one_line_error(capsys)
+    err = one_line_error(capsys)
     assert "--backbone-weights" in err and str(trained / "checkpoint.pth") in err
 
 
@@ -213,10 +193,10 @@ def test_truncated_png_is_caught_before_training(data_root, tmp_path, capsys, mo
     steps = []
     real = trainer.train_one_epoch
     monkeypatch.setattr(trainer, "train_one_epoch", lambda *a, **k: steps.append(1) or real(*a, **k))
-    assert main(_train_args(str(root), tmp_path / "out", "--epochs", "1")) == 2
-    err = _one_line_error(capsys)
+    assert main(train_args(str(root), tmp_path / "out", "--epochs", "1")) == 2
+    err = one_line_error(capsys)
     assert "000002.png" in err and "--skip-bad-images" in err and not steps
-    assert main(_train_args(str(root), tmp_path / "out2", "--epochs", "1", "--skip-bad-images")) == 0
+    assert main(train_args(str(root), tmp_path / "out2", "--epochs", "1", "--skip-bad-images")) == 0
     err = capsys.readouterr().err
     assert err.count("skipped") == 1 and "000002.png" in err and steps
 
@@ -228,7 +208,7 @@ def test_missing_image_under_evaluate_is_one_line(trained, data_root, tmp_path, 
     ckpt = str(trained / "checkpoint.pth")
     out = str(tmp_path / "m.json")
     assert main(["evaluate", "--checkpoint", ckpt, "--data", str(root), "--output", out, "--num-workers", "1"]) == 2
-    assert "000001.png" in _one_line_error(capsys)
+    assert "000001.png" in one_line_error(capsys)
     argv = ["evaluate", "--checkpoint", ckpt, "--data", str(root), "--output", out, "--skip-bad-images", "--quiet"]
     assert main(argv) == 0
 
@@ -245,7 +225,7 @@ def test_ctrl_c_saves_and_prints_the_resume_command(data_root, tmp_path, capsys,
         return real(*args)
 
     monkeypatch.setattr(trainer, "_to_device", interrupting)
-    assert main(_train_args(str(data_root), out, "--epochs", "2")) == 130
+    assert main(train_args(str(data_root), out, "--epochs", "2")) == 130
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err
     assert f"resume with: python -m deformable_detr train --resume {out / 'checkpoint.pth'}" in err
