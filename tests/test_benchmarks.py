@@ -200,3 +200,34 @@ def test_report_keeps_shapes_apart_when_a_case_name_repeats():
     assert "| 300x20 |" in md and "| 300x300 |" in md
     md = report.markdown_report({}, rows[:1])
     assert "- `B=2`: 300x20" in md and "| 300x20 |" not in md
+
+
+def test_gpu_check_dry_run_fits_the_device_tool(tmp_path):
+    """benchmarks/gpu_check.sh is run on a lent GPU with minutes of device time: without a GPU it must still run
+    its stages in the order asked, write at most 7 files to $OUT (the device tool returns 8; the first H200 run lost
+    its sanitizer summaries to that limit) and print the stage table last, where a cut-off output tail keeps it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    env = dict(
+        os.environ,
+        OUT=str(out),
+        LOGDIR=str(tmp_path / "logs"),
+        PYTHON=sys.executable,
+        GPU_CHECK_SKIP_BUILD="1",
+        GPU_CHECK_STAGES="build test",
+    )
+    proc = subprocess.run(
+        ["bash", str(root / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["gpu_check.log", "summary.txt"], files
+    tail = proc.stdout.strip().splitlines()[-6:]
+    assert any(line.startswith("import ") and " ok " in line for line in tail), tail
+    assert any(line.startswith("pytest-gpu ") for line in tail), tail
+    assert "### pytest-gpu" in (out / "gpu_check.log").read_text()
