@@ -39,7 +39,7 @@ import os
 import torch
 
 from deformable_detr._extension import extension_loaded, has_kernel, load_error
-from deformable_detr.ops.levels import prepare_levels, prepare_points
+from deformable_detr.ops.levels import LevelTable, lookup, prepare_points
 from deformable_detr.ops.reference import check_sampling, reference_forward
 
 BACKENDS = ("cuda", "triton", "cpu", "pytorch")
@@ -298,11 +298,41 @@ def ms_deform_attn(
     once per table and cached by tensor identity and version counter (``deformable_detr.ops.levels``), so
     passing the same tables to every layer costs a few microseconds. Meta tensors run the fake kernel.
     """
+    return ms_deform_attn_with_levels(
+        value,
+        spatial_shapes,
+        level_start_index,
+        sampling_locations,
+        attention_weights,
+        None,
+        backend=backend,
+        points_per_level=points_per_level,
+        sampling=sampling,
+    )
+
+
+def ms_deform_attn_with_levels(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    level_table: LevelTable | None,
+    *,
+    backend: str | None = None,
+    points_per_level=None,
+    sampling: str = "bilinear",
+) -> torch.Tensor:
+    """:func:`ms_deform_attn` for a caller that already holds the pair's checked table
+    (``levels.lookup(spatial_shapes, level_start_index, value.shape[1])``; None: looked up here), so that a layer
+    needing the table itself (``MSDeformAttn``'s offset normalizer) looks it up once per call."""
     ragged = points_per_level is not None
     _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, ragged)
     discrete = check_sampling(sampling)
     device = value.device
-    spatial_shapes, level_start_index = prepare_levels(spatial_shapes, level_start_index, value.shape[1], device)
+    if level_table is None:
+        level_table = lookup(spatial_shapes, level_start_index, value.shape[1])
+    spatial_shapes, level_start_index = level_table.on(device, spatial_shapes, level_start_index)
     point_start = None
     if ragged:
         table = prepare_points(points_per_level, spatial_shapes.shape[0], sampling_locations.shape[3])
