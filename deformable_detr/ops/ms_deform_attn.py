@@ -66,7 +66,7 @@ def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# The one backend memo: (requested backend, device) -> _Choice. Entries are never dropped: what a choice depends
+# The one backend memo: (requested backend, device) -> what _choice returns. Entries are never dropped: what a choice depends
 # on (the extension, triton's importability, TRITON_INTERPRET, which triton reads when the kernels are defined,
 # CUDA availability) is fixed once the op has run in a process. Keyed by torch.device, not its .type: hashing a
 # device is cheap, reading .type is not (~0.7 us per read).
