@@ -41,13 +41,13 @@ def test_int32_tables_still_value_checked():
 
 def test_int64_tables_on_the_device_are_not_copied():
     value, ss, lsi, *_ = _inputs()
-    out_ss, out_lsi = levels.prepare_levels(ss, lsi, value.shape[1], value.device)
+    out_ss, out_lsi = levels.lookup(ss, lsi, value.shape[1]).on(value.device, ss, lsi)
     assert out_ss is ss and out_lsi is lsi
     ss32, lsi32 = ss.int(), lsi.int()
-    first = levels.prepare_levels(ss32, lsi32, value.shape[1], value.device)
+    first = levels.lookup(ss32, lsi32, value.shape[1]).on(value.device, ss32, lsi32)
     assert first[0].dtype == torch.int64 and torch.equal(first[0], ss) and torch.equal(first[1], lsi)
     # the converted copy is made once per table, not once per call
-    second = levels.prepare_levels(ss32, lsi32, value.shape[1], value.device)
+    second = levels.lookup(ss32, lsi32, value.shape[1]).on(value.device, ss32, lsi32)
     assert second[0] is first[0] and second[1] is first[1]
 
 

@@ -164,13 +164,6 @@ def lookup(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, S: int
     return entry
 
 
-def prepare_levels(
-    spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, S: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tables as int64 on ``device`` after the value checks (ValueError naming the argument)."""
-    return lookup(spatial_shapes, level_start_index, S).on(device, spatial_shapes, level_start_index)
-
-
 # --- point tables (``points_per_level``): (L,) counts P_l -> (L+1,) int64 starts, checked once per table.
 
 
