@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment as scipy_lsa
+from support.lsap_oracle import scipy_rows
 
 import deformable_detr as dd
 from deformable_detr._extension import has_kernel
@@ -17,14 +18,6 @@ needs_cpu_kernel = pytest.mark.skipif(not has_kernel("batched_lsap", "CPU"), rea
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available() or not has_kernel("batched_lsap", "CUDA"), reason="needs CUDA and the CUDA kernel"
 )
-
-
-def scipy_rows(cost: np.ndarray) -> np.ndarray:
-    """scipy's answer in the batched format: assigned column per row, -1 if unassigned."""
-    out = np.full(cost.shape[0], -1, dtype=np.int64)
-    rows, cols = scipy_lsa(cost)
-    out[rows] = cols
-    return out
 
 
 def random_costs(rng, B, N, M, kind):

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("timm")
 
 
-# Tiny ops on a shared 2-core machine: thread hand-off costs more than it saves.
+# Tiny ops: handing them to other threads costs more than it saves.
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -9,7 +9,7 @@ import torchvision
 import deformable_detr.models as M
 from deformable_detr.models.deformable_transformer import DeformableTransformer
 
-# Tiny ops on a shared 2-core machine: thread hand-off costs more than it saves.
+# Tiny ops: handing them to other threads costs more than it saves.
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -16,7 +16,7 @@ SMALL = dict(
 )  # fmt: skip
 
 
-# Tiny ops on a shared 2-core machine: thread hand-off costs more than it saves.
+# Tiny ops: handing them to other threads costs more than it saves.
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -259,7 +259,6 @@ def test_bad_layout_and_sampling():
 
 
 def test_point_table_checked_once_per_tensor_and_rechecked_after_an_edit():
-    levels.clear_cache()
     N, shapes, M, D, Q, counts = CASES["dfine"]
     value, ss, lsi, loc, attn = make_points_inputs(N, shapes, M, D, Q, counts)
     table = torch.tensor(counts)

@@ -4,6 +4,7 @@ counter), no tensor math per call, meta tensors through the fake kernel, torch.c
 from __future__ import annotations
 
 import gc
+import sys
 
 import pytest
 import torch
@@ -40,13 +41,13 @@ def test_int32_tables_still_value_checked():
 
 def test_int64_tables_on_the_device_are_not_copied():
     value, ss, lsi, *_ = _inputs()
-    out_ss, out_lsi = levels.prepare_levels(ss, lsi, value.shape[1], value.device)
+    out_ss, out_lsi = levels.lookup(ss, lsi, value.shape[1]).on(value.device, ss, lsi)
     assert out_ss is ss and out_lsi is lsi
     ss32, lsi32 = ss.int(), lsi.int()
-    first = levels.prepare_levels(ss32, lsi32, value.shape[1], value.device)
+    first = levels.lookup(ss32, lsi32, value.shape[1]).on(value.device, ss32, lsi32)
     assert first[0].dtype == torch.int64 and torch.equal(first[0], ss) and torch.equal(first[1], lsi)
     # the converted copy is made once per table, not once per call
-    second = levels.prepare_levels(ss32, lsi32, value.shape[1], value.device)
+    second = levels.lookup(ss32, lsi32, value.shape[1]).on(value.device, ss32, lsi32)
     assert second[0] is first[0] and second[1] is first[1]
 
 
@@ -150,3 +151,31 @@ def test_overhead_benchmark_rows(monkeypatch):
     assert all(r["status"] == "ok" for r in rows)
     assert all("over_raw_us" in r for r in rows if r["backend"].startswith("wrapper"))
     assert "| wrapper |" in bench_overhead.markdown({"device_name": "cpu"}, rows)
+
+
+@pytest.mark.skipif(not extension_loaded(), reason="compiled extension not built")
+@pytest.mark.parametrize("backend", [None, "cpu"])
+def test_compiled_first_call_fills_the_one_backend_memo(monkeypatch, backend):
+    """The backend choice is one memo: a process whose first call is compiled (fullgraph) fills it at trace time
+    and eager calls then reuse the entry; an unavailable explicit backend still raises, under compile too."""
+    wrapper = sys.modules["deformable_detr.ops.ms_deform_attn"]
+    monkeypatch.setattr(wrapper, "_CHOICES", {})
+    torch._dynamo.reset()
+    value, ss, lsi, loc, attn = _inputs()
+
+    def fn(v, l, a):
+        return dd.ms_deform_attn(v, ss, lsi, l, a, backend=backend)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(value, loc, attn), ms_deform_attn_oracle(value, ss, lsi, loc, attn))
+    assert wrapper._CHOICES == {(backend, value.device): ("cpu", None, True)}
+    torch.testing.assert_close(fn(value, loc, attn), compiled(value, loc, attn))
+    assert len(wrapper._CHOICES) == 1
+
+    def wrong(v, l, a):
+        return dd.ms_deform_attn(v, ss, lsi, l, a, backend="cuda")
+
+    with pytest.raises(Exception, match='backend "cuda"'):
+        torch.compile(wrong, fullgraph=True, backend="aot_eager")(value, loc, attn)
+    with pytest.raises(RuntimeError, match='backend "cuda"'):
+        wrong(value, loc, attn)

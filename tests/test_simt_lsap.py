@@ -8,8 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from support.lsap_oracle import scipy_rows
 from support.simt_emulator import load, run
-from support.simt_lsap_check import check_against_scipy, emulate, lsap_batches, scipy_rows
+from support.simt_lsap_check import check_against_scipy, emulate, lsap_batches
 
 import deformable_detr as dd
 from deformable_detr._extension import has_kernel

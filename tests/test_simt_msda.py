@@ -10,9 +10,9 @@ from collections import defaultdict
 
 import pytest
 import torch
+from support.cuda_cases import CASES, forward_backward, max_err, oracle, random_inputs
 from support.simt_emulator import load, run
 from support.simt_msda_check import check_case, emulate_all, launch_shape_cases, max_vec, offset_view
-from test_msda_cuda import CASES, max_err, oracle, random_inputs
 
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 IDS = {torch.float64: "float64", torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -41,7 +41,8 @@ def test_every_launch_shape(dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
 @pytest.mark.parametrize("case", [c for c in CASES if c != "wide_vectors"])
 def test_cuda_test_cases(case, dtype):
-    """The CASES of test_msda_cuda.py with its tolerance rule and the real launch threshold (narrow groups)."""
+    """The CASES of support.cuda_cases (the GPU tests' table) with their tolerance rule and the real launch threshold
+    (narrow groups)."""
     N, Q, M, D, shapes, P = CASES[case]
     check_case(N, Q, M, D, shapes, P, dtype, placement=PLACEMENTS[len(case) % 3])
 
@@ -200,8 +201,6 @@ def test_exact_pixel_edges():
     locations[..., 0] = (grid[torch.randint(0, 8, locations[..., 0].shape, generator=g)]) / W
     locations[..., 1] = (grid[torch.randint(0, 6, locations[..., 1].shape, generator=g)]) / H
     grad_output = torch.randn(1, 8, 4, generator=g, dtype=torch.float64)
-    from test_msda_cuda import forward_backward
-
     want = forward_backward(oracle, [value, shapes, starts, locations, weights], grad_output, as_double=True)
     got = emulate_all([value, shapes, starts, locations, weights], grad_output)
     edge_x = locations[..., 0] * W - 0.5 == -1
@@ -236,8 +235,6 @@ def test_exact_pixel_edges_float32_rounding():
     one_sided = (im32.floor() != im64.floor()) | (im32 == -1) | (im64 == -1)
     assert (im32.floor() != im64.floor()).any() and one_sided.any()
     grad_output = torch.randn(1, 16, 4, generator=g)
-    from test_msda_cuda import forward_backward
-
     inputs = [value, shapes, starts, locations, weights]
     want = forward_backward(oracle, inputs, grad_output, as_double=True)
     for result in emulate_all(inputs, grad_output).values():

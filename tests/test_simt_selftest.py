@@ -46,8 +46,8 @@ def test_race_changes_with_schedule_or_poison(name):
 
 def test_clean_kernel_is_schedule_independent():
     """Control: the real kernels give identical results under different schedules (tests/support/simt_msda_check.py)."""
+    from support.cuda_cases import random_inputs
     from support.simt_msda_check import emulate_all
-    from test_msda_cuda import random_inputs
 
     inputs = random_inputs(1, 9, 2, 8, [(3, 3)], 2, torch.float32, device="cpu")
     emulate_all(list(inputs), torch.ones(1, 9, 16))

@@ -107,3 +107,19 @@ def test_imports_go_down_the_layers():
             if there != here and RANK[there] >= RANK[here]:
                 wrong.append(f"{module} -> {dep} ({here} rank {RANK[here]}, {there} rank {RANK[there]})")
     assert not wrong, "imports against ARCHITECTURE.md's order:\n" + "\n".join(sorted(wrong))
+
+
+def test_support_imports_no_test_module():
+    """tests/support is the helpers' package: a helper never imports a test module (a test module's imports and
+    module-level code would then run wherever the helper is used, and the dependency would point the wrong way)."""
+    wrong = []
+    for path in sorted((REPO / "tests" / "support").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [alias.name for alias in node.names if not node.module]
+            else:
+                continue
+            wrong += [f"{path.name}: {name}" for name in names if any(p.startswith("test_") for p in name.split("."))]
+    assert not wrong, "tests/support imports test modules:\n" + "\n".join(wrong)

@@ -222,7 +222,8 @@ class DeformableTransformer(nn.Module):
 
     def _static_tables(self, spatial_shapes_list, batch: int, device):
         """(spatial_shapes, level_start_index, valid_ratios, encoder reference points) of an unpadded batch: a
-        function of the level sizes only, made once per size (the op then also finds its checks cached)."""
+        function of the level sizes only, made once per size. The level tables keep their identity across
+        forwards, so each layer's one lookup (``deformable_detr.ops.levels.lookup``) finds them checked."""
 
         def make():
             spatial_shapes, level_start_index = level_tables(spatial_shapes_list, device)

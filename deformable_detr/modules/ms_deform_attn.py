@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deformable_detr.ops.levels import offset_normalizer
-from deformable_detr.ops.ms_deform_attn import ms_deform_attn
+from deformable_detr.ops.levels import LevelTable, lookup
+from deformable_detr.ops.ms_deform_attn import ms_deform_attn, ms_deform_attn_with_levels
 
 
 def _is_power_of_2(n: int) -> bool:
@@ -90,7 +90,7 @@ class MSDeformAttn(nn.Module):
         nn.init.xavier_uniform_(self.output_proj.weight)
         nn.init.constant_(self.output_proj.bias, 0.0)
 
-    def _point_locations(self, query, reference_points, spatial_shapes, level_start_index, Len_in) -> torch.Tensor:
+    def _point_locations(self, query, reference_points, spatial_shapes, level_table: LevelTable) -> torch.Tensor:
         """``reference_points[..., l, :] + sampling_offsets(query)[..., l, p, :] / (W_l, H_l)`` as one GEMM.
 
         The division moves into the (tiny) weight and bias, and the reference point joins the product as extra
@@ -101,7 +101,7 @@ class MSDeformAttn(nn.Module):
         N, Len_q, C = query.shape
         M, L, P = self.n_heads, self.n_levels, self.n_points
         # (W_l, H_l) per level, made once per level table (cached with the table's checks).
-        normalizer = offset_normalizer(spatial_shapes, level_start_index, Len_in, query.device, query.dtype)
+        normalizer = level_table.normalizer(spatial_shapes, query.device, query.dtype)
         weight = self.sampling_offsets.weight.view(M, L, P, 2, C) / normalizer[None, :, None, :, None]
         bias = self.sampling_offsets.bias.view(M, L, P, 2) / normalizer[None, :, None, :]
         select = torch.eye(L * 2, dtype=query.dtype, device=query.device).view(1, L, 1, 2, L * 2)
@@ -143,9 +143,10 @@ class MSDeformAttn(nn.Module):
         value = value.view(N, Len_in, self.n_heads, self.d_model // self.n_heads)
         attention_weights = self.attention_weights(query).view(N, Len_q, self.n_heads, self.n_levels * self.n_points)
         attention_weights = F.softmax(attention_weights, -1).view(N, Len_q, self.n_heads, self.n_levels, self.n_points)
+        # The one level-table lookup of this call: the normalizer and the op both use it.
+        level_table = lookup(input_spatial_shapes, input_level_start_index, Len_in)
         if reference_points.shape[-1] == 2:
-            sampling_locations = self._point_locations(query, reference_points, input_spatial_shapes,
-                                                       input_level_start_index, Len_in)  # fmt: skip
+            sampling_locations = self._point_locations(query, reference_points, input_spatial_shapes, level_table)
         elif reference_points.shape[-1] == 4:
             sampling_offsets = self.sampling_offsets(query).view(
                 N, Len_q, self.n_heads, self.n_levels, self.n_points, 2
@@ -158,12 +159,13 @@ class MSDeformAttn(nn.Module):
             raise ValueError(
                 f"Last dim of reference_points must be 2 or 4, but get {reference_points.shape[-1]} instead."
             )
-        output = ms_deform_attn(
+        output = ms_deform_attn_with_levels(
             value,
             input_spatial_shapes,
             input_level_start_index,
             sampling_locations,
             attention_weights,
+            level_table,
             backend=self.backend,
         )
         return self.output_proj(output)

@@ -30,8 +30,8 @@ _INDEX_DTYPES = (torch.int64, torch.int32)
 
 
 def _read_host_levels(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, S: int) -> list | None:
-    """Check a CPU table's values (in the order the errors were always raised); returns the host rows, or None
-    when the shapes live on a device (not readable without a sync, or no data at all for meta tensors)."""
+    """Check a CPU table's values (sizes, then the total, then the starts); returns the host rows, or None when
+    the shapes live on a device (not readable without a sync, or no data at all for meta tensors)."""
     if spatial_shapes.device.type != "cpu":
         return None
     shapes = spatial_shapes.tolist()
@@ -63,9 +63,10 @@ def _to_index(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device=device, dtype=torch.int64)
 
 
-class _Tables:
+class LevelTable:
     """One checked (spatial_shapes, level_start_index) pair: its total size, host rows (CPU tables) and the
-    converted copies / offset normalizers made so far."""
+    converted copies / offset normalizers made so far. :func:`lookup` hands it out; a caller that needs both the
+    normalizer and the op (``MSDeformAttn``) passes it on instead of looking the pair up again."""
 
     __slots__ = ("shapes_ref", "starts_ref", "shapes_version", "starts_version", "total", "host", "copies", "norms")
 
@@ -91,6 +92,7 @@ class _Tables:
             )
 
     def on(self, device: torch.device, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor):
+        """The tables as int64 on ``device`` (the tensors themselves when they already are)."""
         if (
             spatial_shapes.dtype is torch.int64
             and level_start_index.dtype is torch.int64
@@ -98,29 +100,60 @@ class _Tables:
             and level_start_index.device == device
         ):
             return spatial_shapes, level_start_index
+        if torch.compiler.is_compiling():
+            return spatial_shapes.to(device=device, dtype=torch.int64), level_start_index.to(
+                device=device, dtype=torch.int64
+            )
         pair = self.copies.get(device)
         if pair is None:
             # Outside inference mode: a copy made under torch.inference_mode() may serve a later training step.
             with torch.inference_mode(False):
                 pair = (_to_index(spatial_shapes, device), _to_index(level_start_index, device))
-            self.copies[device] = pair
+            if self.shapes_ref is not None:
+                self.copies[device] = pair
         return pair
 
+    def normalizer(self, spatial_shapes: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(L, 2) rows (W_l, H_l) in ``dtype`` on ``device``: what ``MSDeformAttn`` divides pixel offsets by."""
+        if torch.compiler.is_compiling():
+            return torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(device=device, dtype=dtype)
+        norm = self.norms.get((device, dtype))
+        if norm is None:
+            with torch.inference_mode(False):
+                norm = self._normalizer(spatial_shapes, device, dtype)
+            if self.shapes_ref is not None:
+                self.norms[(device, dtype)] = norm
+        return norm
 
-_CACHE: dict[tuple[int, int], _Tables] = {}
+    def _normalizer(self, spatial_shapes: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        if self.host is not None:
+            norm = torch.tensor([(w, h) for h, w in self.host], dtype=dtype).reshape(-1, 2)
+            return norm.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else norm.to(device)
+        return torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(device=device, dtype=dtype)
+
+
+# Under torch.compile: no value is read and nothing is cached (the methods convert in the graph).
+_TRACED = LevelTable.__new__(LevelTable)
+_TRACED.host = _TRACED.total = _TRACED.shapes_ref = _TRACED.starts_ref = None
+
+_CACHE: dict[tuple[int, int], LevelTable] = {}
 
 
 def _cacheable(t: torch.Tensor) -> bool:
     return type(t) is torch.Tensor and not t.is_inference() and t.device.type != "meta"
 
 
-def _tables(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, S: int) -> _Tables:
+def lookup(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, S: int) -> LevelTable:
+    """The checked table of the pair for a value with S = ``value.shape[1]`` positions (ValueError naming the
+    argument): one cache probe, and the values read only when the pair is new, edited, or cannot be cached."""
+    if torch.compiler.is_compiling():
+        return _TRACED
     key = (id(spatial_shapes), id(level_start_index))
     entry = _CACHE.get(key)
     if entry is not None and entry.matches(spatial_shapes, level_start_index):
         entry.check_total(S)
         return entry
-    entry = _Tables(spatial_shapes, level_start_index, S)  # raises on bad values: errors are never cached
+    entry = LevelTable(spatial_shapes, level_start_index, S)  # raises on bad values: errors are never cached
     if _cacheable(spatial_shapes) and _cacheable(level_start_index):
         entry.shapes_ref, entry.starts_ref = weakref.ref(spatial_shapes), weakref.ref(level_start_index)
         entry.shapes_version, entry.starts_version = spatial_shapes._version, level_start_index._version
@@ -129,48 +162,6 @@ def _tables(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, S: in
             del _CACHE[next(iter(_CACHE))]
         _CACHE[key] = entry
     return entry
-
-
-def prepare_levels(
-    spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, S: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tables as int64 on ``device`` after the value checks (ValueError naming the argument)."""
-    if torch.compiler.is_compiling():
-        return (
-            spatial_shapes.to(device=device, dtype=torch.int64),
-            level_start_index.to(device=device, dtype=torch.int64),
-        )
-    return _tables(spatial_shapes, level_start_index, S).on(device, spatial_shapes, level_start_index)
-
-
-def offset_normalizer(
-    spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, S: int, device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
-    """(L, 2) rows (W_l, H_l) in ``dtype`` on ``device``: what ``MSDeformAttn`` divides pixel offsets by."""
-    if torch.compiler.is_compiling():
-        return torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(device=device, dtype=dtype)
-    entry = _tables(spatial_shapes, level_start_index, S)
-    norm = entry.norms.get((device, dtype))
-    if norm is None:
-        with torch.inference_mode(False):
-            norm = _normalizer(entry, spatial_shapes, device, dtype)
-        if entry.shapes_ref is not None:
-            entry.norms[(device, dtype)] = norm
-    return norm
-
-
-def _normalizer(entry: _Tables, spatial_shapes: torch.Tensor, device: torch.device, dtype: torch.dtype):
-    if entry.host is not None:
-        norm = torch.tensor([(w, h) for h, w in entry.host], dtype=dtype).reshape(-1, 2)
-        return norm.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else norm.to(device)
-    return torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(device=device, dtype=dtype)
-
-
-def clear_cache() -> None:
-    """Drop every cached table (tests; or to release device copies early)."""
-    _CACHE.clear()
-    _POINT_TABLES.clear()
-    _POINT_TENSORS.clear()
 
 
 # --- point tables (``points_per_level``): (L,) counts P_l -> (L+1,) int64 starts, checked once per table.

@@ -39,7 +39,7 @@ import os
 import torch
 
 from deformable_detr._extension import extension_loaded, has_kernel, load_error
-from deformable_detr.ops.levels import prepare_levels, prepare_points
+from deformable_detr.ops.levels import LevelTable, lookup, prepare_points
 from deformable_detr.ops.reference import check_sampling, reference_forward
 
 BACKENDS = ("cuda", "triton", "cpu", "pytorch")
@@ -66,21 +66,47 @@ def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-_MISSING_CACHE: dict[tuple[str, str], str | None] = {}
-
-
-def _backend_missing(backend: str, device: torch.device) -> str | None:
-    """None if ``backend`` can run on ``device``, else a sentence saying what is missing (cached per device type:
-    availability cannot change within a process, and torch.compile then sees a constant)."""
-    key = (backend, device.type)
-    if key not in _MISSING_CACHE:
-        _MISSING_CACHE[key] = _compute_backend_missing(backend, device.type)
-    return _MISSING_CACHE[key]
+# The one backend memo: (requested backend, device) -> what _choice returns. Entries are never dropped: what a choice depends
+# on (the extension, triton's importability, TRITON_INTERPRET, which triton reads when the kernels are defined,
+# CUDA availability) is fixed once the op has run in a process. Keyed by torch.device, not its .type: hashing a
+# device is cheap, reading .type is not (~0.7 us per read).
+_CHOICES: dict[tuple[str | None, torch.device], tuple[str | None, str | None, bool]] = {}
 
 
 @torch.compiler.assume_constant_result
-def _compute_backend_missing(backend: str, device_type: str) -> str | None:
-    device = torch.device(device_type)
+def _choice(backend: str | None, device: torch.device) -> tuple[str | None, str | None, bool]:
+    """``(backend that runs, None, native_points)``, or ``(None, what is missing, False)`` when the requested
+    backend cannot run on ``device``. ``native_points``: the backend runs points_per_level and discrete sampling
+    itself (else the reference runs those calls). A compile-time constant to torch.compile."""
+    key = (backend, device)
+    choice = _CHOICES.get(key)
+    if choice is None:
+        choice = _choose(backend, device)
+        if backend in _REQUESTS:  # an unknown name is not remembered
+            _CHOICES[key] = choice
+    return choice
+
+
+_REQUESTS = (None, "auto", *BACKENDS)
+
+
+def _choose(backend: str | None, device: torch.device) -> tuple[str | None, str | None, bool]:
+    if backend is None or backend == "auto":
+        if device.type == "cuda":
+            candidates = ("cuda", "triton")
+        elif device.type == "cpu":
+            candidates = ("cpu",)
+        else:
+            candidates = ()
+        backend = next((b for b in candidates if _missing(b, device) is None), "pytorch")
+    missing = _missing(backend, device)
+    if missing is not None:
+        return None, missing, False
+    return backend, None, _handles_points(backend)
+
+
+def _missing(backend: str, device: torch.device) -> str | None:
+    """None if ``backend`` can run on ``device``, else a sentence saying what is missing."""
     if backend == "pytorch":
         return None
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -112,44 +138,32 @@ def _compute_backend_missing(backend: str, device_type: str) -> str | None:
     return f'unknown backend "{backend}"; expected one of {", ".join(BACKENDS)} or None/"auto"'
 
 
+def _handles_points(backend: str) -> bool:
+    """Whether ``backend`` runs the points layout and discrete sampling natively (else the reference runs)."""
+    if backend == "triton":
+        return bool(getattr(_triton_module(), "SUPPORTS_POINTS_AND_SAMPLING", False))
+    if backend in ("cpu", "cuda"):  # the compiled op's schema has the two arguments (an extension from this tree)
+        return extension_loaded() and "point_start" in str(torch.ops.deformable_detr.ms_deform_attn.default._schema)
+    return True  # the reference
+
+
 def available_backends(device: str | torch.device = "cpu") -> list[str]:
     """Backends that can run on ``device``, fastest first (``"pytorch"`` is always last)."""
     device = torch.device(device)
     # On CPU the Triton interpreter is a testing aid, far slower than the C++ kernel.
     order = ("cpu", "triton", "pytorch") if device.type == "cpu" else BACKENDS
-    return [b for b in order if _backend_missing(b, device) is None]
+    return [b for b in order if _choice(b, device)[1] is None]
 
 
 def _auto_backend(device: torch.device) -> str:
-    if device.type == "cuda":
-        for backend in ("cuda", "triton"):
-            if _backend_missing(backend, device) is None:
-                return backend
-    elif device.type == "cpu" and _backend_missing("cpu", device) is None:
-        return "cpu"
-    return "pytorch"
-
-
-# (requested backend, device) -> backend that runs; eager calls only (torch.device hashing is cheap, its .type
-# is not: ~0.7 us per read).
-_RESOLVED: dict[tuple[str | None, torch.device], str] = {}
+    return _choice(None, device)[0]
 
 
 def _resolve_backend(backend: str | None, device: torch.device) -> str:
-    compiling = torch.compiler.is_compiling()
-    if not compiling:
-        resolved = _RESOLVED.get((backend, device))
-        if resolved is not None:
-            return resolved
-    if backend is None or backend == "auto":
-        resolved = _auto_backend(device)
-    else:
-        missing = _backend_missing(backend, device)
-        if missing is not None:
-            raise RuntimeError(f"ms_deform_attn: {missing}")
-        resolved = backend
-    if not compiling:
-        _RESOLVED[(backend, device)] = resolved
+    """The backend that runs a call (RuntimeError naming what is missing for an unavailable explicit one)."""
+    resolved, missing, _ = _choice(backend, device)
+    if missing is not None:
+        raise RuntimeError(f"ms_deform_attn: {missing}")
     return resolved
 
 
@@ -284,11 +298,41 @@ def ms_deform_attn(
     once per table and cached by tensor identity and version counter (``deformable_detr.ops.levels``), so
     passing the same tables to every layer costs a few microseconds. Meta tensors run the fake kernel.
     """
+    return ms_deform_attn_with_levels(
+        value,
+        spatial_shapes,
+        level_start_index,
+        sampling_locations,
+        attention_weights,
+        None,
+        backend=backend,
+        points_per_level=points_per_level,
+        sampling=sampling,
+    )
+
+
+def ms_deform_attn_with_levels(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    level_table: LevelTable | None,
+    *,
+    backend: str | None = None,
+    points_per_level=None,
+    sampling: str = "bilinear",
+) -> torch.Tensor:
+    """:func:`ms_deform_attn` for a caller that already holds the pair's checked table
+    (``levels.lookup(spatial_shapes, level_start_index, value.shape[1])``; None: looked up here), so that a layer
+    needing the table itself (``MSDeformAttn``'s offset normalizer) looks it up once per call."""
     ragged = points_per_level is not None
     _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, ragged)
     discrete = check_sampling(sampling)
     device = value.device
-    spatial_shapes, level_start_index = prepare_levels(spatial_shapes, level_start_index, value.shape[1], device)
+    if level_table is None:
+        level_table = lookup(spatial_shapes, level_start_index, value.shape[1])
+    spatial_shapes, level_start_index = level_table.on(device, spatial_shapes, level_start_index)
     point_start = None
     if ragged:
         table = prepare_points(points_per_level, spatial_shapes.shape[0], sampling_locations.shape[3])
@@ -301,8 +345,10 @@ def ms_deform_attn(
             point_start = table.start_on(device)
     if device.type == "meta":
         return _meta_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    backend = _resolve_backend(backend, device)
-    if backend == "pytorch" or ((point_start is not None or discrete) and not _handles_points(backend)):
+    backend, missing, native_points = _choice(backend, device)
+    if missing is not None:
+        raise RuntimeError(f"ms_deform_attn: {missing}")
+    if backend == "pytorch" or ((point_start is not None or discrete) and not native_points):
         return _reference_call(
             value,
             spatial_shapes,
@@ -338,23 +384,6 @@ def ms_deform_attn(
     return torch.ops.deformable_detr.ms_deform_attn(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights, point_start, discrete
     )
-
-
-def _handles_points(backend: str) -> bool:
-    """Whether ``backend`` runs the points layout and discrete sampling natively (else the reference runs)."""
-    handles = _HANDLES_POINTS.get(backend)
-    if handles is None:
-        if backend == "triton":
-            handles = bool(getattr(_triton_module(), "SUPPORTS_POINTS_AND_SAMPLING", False))
-        else:  # cpu / cuda: the compiled op's schema has the two arguments (an extension built from this tree)
-            handles = extension_loaded() and "point_start" in str(
-                torch.ops.deformable_detr.ms_deform_attn.default._schema
-            )
-        _HANDLES_POINTS[backend] = handles
-    return handles
-
-
-_HANDLES_POINTS: dict[str, bool] = {}
 
 
 def _reference_call(value, spatial_shapes, sampling_locations, attention_weights, point_start, table, discrete):

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from test_assignment import scipy_rows
 
+from support.lsap_oracle import scipy_rows
 from support.simt_emulator import run
 
 SCHEDULES = ((1, 0xA5), (2, 0x5A))

@@ -10,9 +10,9 @@ import functools
 import itertools
 
 import torch
-from test_msda_cuda import REL_TOL, assert_close_to_oracle, forward_backward, max_err, oracle, random_inputs
 
 from deformable_detr.ops.reference import ms_deform_attn_reference
+from support.cuda_cases import REL_TOL, assert_close_to_oracle, forward_backward, max_err, oracle, random_inputs
 from support.oracle import ms_deform_attn_oracle
 from support.simt_emulator import run
 
