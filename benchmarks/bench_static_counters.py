@@ -33,13 +33,24 @@ DECODER_QUERIES = 75
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _emulator():
+def _support_on_path() -> None:
     tests = str(ROOT / "tests")
     if tests not in sys.path:
         sys.path.insert(0, tests)
+
+
+def _emulator():
+    _support_on_path()
     from support import simt_emulator
 
     return simt_emulator
+
+
+def _msda_check():
+    _support_on_path()
+    from support import simt_msda_check
+
+    return simt_msda_check
 
 
 def model_inputs(kind: str, levels, dtype: torch.dtype, queries: int | None = None, seed: int = 0):
@@ -124,18 +135,8 @@ def measure(
     ext.reset_counters()
     ext.set_counting(True)
     try:
-        emu.run("ms_deform_attn", value, shapes, starts, locations, weights, arch=arch, min_threads=min_threads)
-        emu.run(
-            "ms_deform_attn_backward",
-            grad_output,
-            value,
-            shapes,
-            starts,
-            locations,
-            weights,
-            deterministic,
-            arch=arch,
-            min_threads=min_threads,
+        _msda_check().emulated(
+            (value, shapes, starts, locations, weights), grad_output, deterministic, arch=arch, min_threads=min_threads
         )
         counters = list(ext.counters())
     finally:

@@ -20,11 +20,12 @@ from support.simt_emulator import run
 SCHEDULES = ((1, 0xA5), (2, 0x5A))
 
 
-def emulated(inputs, grad_output, deterministic, seed, poison, **config):
-    """``inputs``: the five op tensors, optionally followed by the layout (point_start or None, discrete)."""
+def emulated(inputs, grad_output, deterministic, **config):
+    """One forward + one backward under the emulator: [out, grad_value, grad_locations, grad_weights].
+    ``inputs``: the five op tensors, optionally followed by the layout (point_start or None, discrete); ``config``:
+    simt_emulator.run's (seed, poison, placement, arch, min_threads)."""
     value, shapes, starts, locations, weights = inputs[:5]
     layout = dict(zip(("point_start", "discrete"), inputs[5:]))
-    config = dict(config, seed=seed, poison=poison)
     out = run("ms_deform_attn", value, shapes, starts, locations, weights, **layout, **config)
     grads = run(
         "ms_deform_attn_backward",
@@ -50,14 +51,15 @@ def emulate_all(inputs, grad_output, repeat=True, **config):
     (repeat: also rerun the deterministic path under the first schedule, which must be bitwise equal)."""
     results = {}
     for deterministic in (False, True):
-        runs = [emulated(inputs, grad_output, deterministic, s, p, **config) for s, p in SCHEDULES]
+        runs = [emulated(inputs, grad_output, deterministic, seed=s, poison=p, **config) for s, p in SCHEDULES]
         names = ("out", "grad_value", "grad_locations", "grad_weights")
         for name, a, b in zip(names, *runs):
             if name == "grad_value" and not deterministic:
                 continue  # atomics: order-dependent rounding, judged against the oracle below
             assert bitwise_equal(a.contiguous(), b.contiguous()), f"{name} differs between schedules/poison {config}"
         if deterministic and repeat:  # the same schedule twice: bitwise equal as well
-            again = emulated(inputs, grad_output, True, *SCHEDULES[0], **config)
+            seed, poison = SCHEDULES[0]
+            again = emulated(inputs, grad_output, True, seed=seed, poison=poison, **config)
             assert all(bitwise_equal(a, b) for a, b in zip(runs[0], again))
         results[deterministic] = [t.double() for t in runs[0]]
     return results
