@@ -27,15 +27,25 @@ def _images(batch, h, w, seed):
 # ~2-3 min per model on 2 shared cores, most of it torch.export's symbolic shape work and onnxscript's passes.
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("config", [M.DeformableDETRConfig, M.DETRConfig], ids=["deformable_detr", "detr"])
-def test_detector_exports_with_dynamic_size_and_named_outputs(config):
+@pytest.mark.parametrize(
+    "config, overrides, export_kwargs",
+    [
+        (M.DeformableDETRConfig, {}, {}),
+        (M.DETRConfig, {}, {}),
+        # onnxscript 0.7.2's graph optimizer drops the bound constants of a Clip in this graph (onnxruntime then
+        # refuses the model: "Node input 'sigmoid_min_1' is not a graph input"); unoptimized, it is right.
+        (M.DeformableDETRConfig, {"with_box_refine": True, "two_stage": True}, {"optimize": False}),
+    ],
+    ids=["deformable_detr", "detr", "deformable_detr_two_stage"],
+)
+def test_detector_exports_with_dynamic_size_and_named_outputs(config, overrides, export_kwargs):
     torch.manual_seed(0)
-    model = M.build(config(backbone="resnet18", **TINY)).eval()
+    model = M.build(config(backbone="resnet18", **TINY, **overrides)).eval()
     example = _images(2, 160, 192, seed=0)
     with torch.no_grad():
         model(example)  # fills the eager path's per-size caches: the export must not read them
     # An example batch of 2: torch.export specialises a size-1 dimension.
-    program = dd_onnx.export_model(model, example)
+    program = dd_onnx.export_model(model, example, **export_kwargs)
     model_bytes = program.model_proto.SerializeToString()
     session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["images"]
