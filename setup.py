@@ -12,8 +12,9 @@ nvcc on PATH. Validation: ``<toolkit>/bin/nvcc --version`` runs, its CUDA major 
 and ``<toolkit>/include/cuda_runtime.h`` exists (the nvcc on PATH may be a wrapper whose toolkit is gone).
 Sources and compiler flags come from build_config.json (shared with CMakeLists.txt and the SIMT emulator); the
 version is deformable_detr/__init__.py's __version__ (pyproject.toml reads it).
-TORCH_CUDA_ARCH_LIST and MAX_JOBS are honoured by torch.utils.cpp_extension itself; without TORCH_CUDA_ARCH_LIST
-the visible GPUs' architectures are built, or DEFAULT_ARCH_LIST when no GPU is visible.
+MAX_JOBS is honoured by torch.utils.cpp_extension itself. The CUDA architectures (arch_decision): TORCH_CUDA_ARCH_LIST,
+else the visible GPUs', else DEFAULT_ARCH_LIST (no GPU visible); the list and its reason are printed before the
+compile, also to the terminal when pip captures the build's output.
 A wheel with the compiled extension requires the torch major.minor it was built against (the C++ ABI of torch
 extensions is not stable across torch releases); a metadata-only install (DEFORMABLE_DETR_NO_EXT=1) any torch>=2.4.
 """
@@ -29,8 +30,15 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-# Used only when TORCH_CUDA_ARCH_LIST is unset and no GPU is visible: Ampere, Ada, Hopper (+PTX for newer).
-DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
+# Used only when TORCH_CUDA_ARCH_LIST is unset and no GPU is visible (a build host, a cluster's login node), so
+# every entry must earn its compile time (each architecture is one more full device compile, minutes):
+# - 8.0: SASS for A100, which also runs natively on every later 8.x GPU (8.6: A10/A40/RTX 30xx, 8.9: L4/L40/RTX 40xx):
+#   CUDA binaries run on any GPU of the same major version and an equal or higher minor one, and our kernels have no
+#   8.6- or 8.9-specific code (torch's own wheels ship no sm_89 either);
+# - 9.0: H100/H200, which has its own code path (vector float atomics in the backward, __CUDA_ARCH__ >= 900);
+# - +PTX (of 9.0): later GPUs (Blackwell 10.x/12.x) JIT-compile it once at first load (the driver caches the result).
+# Turing (7.5) is not in it: not built or tested by this project; TORCH_CUDA_ARCH_LIST=7.5 asks for it.
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 BASE_REQUIREMENTS = ["torchvision>=0.19", "numpy>=1.22", "scipy>=1.9", "tqdm>=4.60"]
 ANY_TORCH = "torch>=2.4"
 
@@ -119,6 +127,71 @@ def _flag(name, env=None):
     return env.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
+def arch_decision(env, visible, torch_archs=()):
+    """``(arch_list, reason)``: the CUDA architectures to compile and why, from the environment ``env`` and the
+    compute capabilities ``visible`` of the visible GPUs (``[(9, 0), ...]``). In order:
+
+    - ``TORCH_CUDA_ARCH_LIST`` set (and not ``native``): as given;
+    - GPUs visible: theirs (as torch itself derives them: each capability capped at the newest SASS this torch was
+      built for, ``torch_archs`` such as ``["sm_80", "sm_90"]``; sorted, the newest + PTX);
+    - neither: :data:`DEFAULT_ARCH_LIST` (see there why each entry)."""
+    requested = (env.get("TORCH_CUDA_ARCH_LIST") or "").strip()
+    if requested and requested != "native":
+        return requested, "from TORCH_CUDA_ARCH_LIST"
+    capabilities = sorted({(int(major), int(minor)) for major, minor in visible})
+    if capabilities:
+        built = [
+            (int(m.group(1)[:-1]), int(m.group(1)[-1])) for m in map(re.compile(r"sm_(\d\d+)$").match, torch_archs) if m
+        ]
+        newest = max(built, default=None)
+        archs = []
+        for capability in capabilities:
+            capped = min(capability, newest) if newest else capability
+            arch = f"{capped[0]}.{capped[1]}"
+            if arch not in archs:
+                archs.append(arch)
+        seen = ", ".join(f"{a}.{b}" for a, b in capabilities)
+        return ";".join(archs) + "+PTX", f"the visible GPUs' compute capabilities ({seen})"
+    return DEFAULT_ARCH_LIST, (
+        "the default without a visible GPU: sm_80 runs on every 8.x GPU, sm_90 has Hopper's own code path, "
+        "PTX covers newer GPUs"
+    )
+
+
+def _visible_capabilities():
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+
+
+def _torch_sm_archs():
+    import torch
+
+    try:
+        return torch.cuda.get_arch_list()
+    except Exception:  # a torch without CUDA support answers nothing useful here
+        return []
+
+
+# Where _announce also writes when stderr is captured (a test points it at a file).
+TERMINAL = "/dev/tty"
+
+
+def _announce(message):
+    """``_log`` the message, and also to the terminal when stderr is captured: pip hides a build's output without
+    ``-v``, and this message precedes the long silent step, the CUDA compile."""
+    _log(message)
+    if sys.stderr.isatty():
+        return
+    try:
+        with open(TERMINAL, "w") as tty:
+            tty.write(f"[deformable_detr] {message}\n")
+    except OSError:  # no controlling terminal (CI, a pipe, Windows): the log line above is all there is
+        pass
+
+
 def build_config():
     """build_config.json: sources and compiler flags, the one description setup.py, CMake and the emulator read."""
     with open(os.path.join(ROOT, "build_config.json")) as f:
@@ -166,17 +239,15 @@ def _extensions():
     if use_cuda:
         ext_cls = cpp_extension.CUDAExtension
         sources += sorted(glob.glob(os.path.join(csrc, "**", "*.cu"), recursive=True))
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            if torch.cuda.is_available():
-                # What torch would derive from the visible GPUs, made explicit so that it can be reported.
-                caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
-                os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{a}.{b}" for a, b in caps)
-            else:
-                os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
-        decision["arch_list"] = os.environ["TORCH_CUDA_ARCH_LIST"]
-        _log(
-            f"building CPU + CUDA kernels: {decision['reason']}; TORCH_CUDA_ARCH_LIST={decision['arch_list']} "
-            "(set it to build fewer architectures, e.g. 9.0; DEFORMABLE_DETR_SKIP_CUDA=1 for CPU only)"
+        arch_list, arch_reason = arch_decision(os.environ, _visible_capabilities(), _torch_sm_archs())
+        # torch.utils.cpp_extension reads the list from the environment; set, it is exactly what is reported.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+        decision.update(arch_list=arch_list, arch_reason=arch_reason)
+        _log(f"building CPU + CUDA kernels: {decision['reason']}")
+        _announce(
+            f"compiling CUDA kernels for TORCH_CUDA_ARCH_LIST={arch_list} ({arch_reason}): minutes per architecture "
+            "without output; set TORCH_CUDA_ARCH_LIST to your GPUs' (e.g. 9.0) to build fewer, "
+            "DEFORMABLE_DETR_SKIP_CUDA=1 for CPU kernels only"
         )
     else:
         ext_cls = cpp_extension.CppExtension

@@ -118,3 +118,57 @@ def test_one_build_description(setup_module_):
     assert not re.search(r"^version\s*=\s*\"", pyproject, re.M) and 'attr = "deformable_detr.__version__"' in pyproject
     init = (REPO / "deformable_detr" / "__init__.py").read_text()
     assert re.search(r'^__version__ = "\d+\.\d+\.\d+"$', init, re.M)
+
+
+# --- which CUDA architectures, and saying so (issue 21 item 8: pip was silent for 7.5 minutes while a GPU-less
+# machine compiled 4 architectures)
+
+
+def test_arch_list_from_the_environment_first(setup_module_):
+    env = {"TORCH_CUDA_ARCH_LIST": "9.0"}
+    assert setup_module_.arch_decision(env, [(8, 0)]) == ("9.0", "from TORCH_CUDA_ARCH_LIST")
+    assert setup_module_.arch_decision({"TORCH_CUDA_ARCH_LIST": " 8.0;9.0 "}, [])[0] == "8.0;9.0"
+
+
+def test_arch_list_from_the_visible_gpus(setup_module_):
+    """As torch derives it: unique, sorted, the newest + PTX, capped at the newest SASS this torch has."""
+    archs, reason = setup_module_.arch_decision({}, [(9, 0), (8, 6), (9, 0)], ["sm_80", "sm_86", "sm_90"])
+    assert archs == "8.6;9.0+PTX" and reason == "the visible GPUs' compute capabilities (8.6, 9.0)"
+    archs, _ = setup_module_.arch_decision({"TORCH_CUDA_ARCH_LIST": "native"}, [(12, 1)], ["sm_90a", "sm_90", "sm_120"])
+    assert archs == "12.0+PTX"
+    assert setup_module_.arch_decision({"TORCH_CUDA_ARCH_LIST": ""}, [(10, 0)])[0] == "10.0+PTX"
+
+
+def test_default_arch_list_without_a_gpu_is_justified(setup_module_):
+    """No GPU, no list: the documented default, and no entry another entry's binary already covers (a cubin runs
+    on every GPU of its major version with an equal or higher minor one), so each one pays for its compile."""
+    archs, reason = setup_module_.arch_decision({}, [], ["sm_75", "sm_80", "sm_90"])
+    assert archs == setup_module_.DEFAULT_ARCH_LIST == "8.0;9.0+PTX"
+    assert reason.startswith("the default without a visible GPU")
+    assert setup_module_.arch_decision({"TORCH_CUDA_ARCH_LIST": "native"}, [])[0] == "8.0;9.0+PTX"
+    majors = [entry.split(".")[0] for entry in archs.split(";")]
+    assert len(majors) == len(set(majors))
+    readme = (REPO / "README.md").read_text()
+    assert f"`{archs}`" in readme  # the Install table names the same default
+
+
+def test_the_cuda_build_announces_its_architectures(setup_module_, monkeypatch, tmp_path, capsys):
+    """_extensions() sets TORCH_CUDA_ARCH_LIST to what it reports, logs it to stderr and, stderr being captured
+    (as pip does), also writes it to the terminal. Nothing is compiled here."""
+    from torch.utils import cpp_extension
+
+    home = str(tmp_path / "cuda")
+    decision = {"cuda": True, "cuda_home": home, "nvcc_version": "13.0", "reason": "a usable toolkit (faked)"}
+    monkeypatch.setattr(setup_module_, "cuda_decision", lambda: dict(decision))
+    monkeypatch.setattr(setup_module_, "_visible_capabilities", lambda: [])
+    terminal = tmp_path / "tty"
+    monkeypatch.setattr(setup_module_, "TERMINAL", str(terminal))
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cpp_extension.CUDA_HOME)
+    monkeypatch.setenv("CUDA_HOME", home)  # restored afterwards, like the list below
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    (ext,), _, _ = setup_module_._extensions()
+    assert any(source.endswith(".cu") for source in ext.sources)
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0+PTX"
+    line = "TORCH_CUDA_ARCH_LIST=8.0;9.0+PTX (the default without a visible GPU"
+    assert line in capsys.readouterr().err
+    assert line in terminal.read_text()

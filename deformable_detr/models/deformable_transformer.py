@@ -22,6 +22,13 @@ def _with_pos(tensor: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
     return tensor if pos is None else tensor + pos
 
 
+def _pixels(size, device) -> torch.Tensor:
+    """``0, 1, ..., size - 1`` as float32 (exactly the originals' ``linspace(0, size - 1, size)``). ``arange``, not
+    ``linspace``: linspace's step count is a plain int, so torch.export bakes the example's size into the graph,
+    while arange's end stays a symbolic size and the exported graph serves every input size."""
+    return torch.arange(size, dtype=torch.float32, device=device)
+
+
 def level_tables(spatial_shapes_list, device) -> tuple[torch.Tensor, torch.Tensor]:
     """``spatial_shapes`` [L, 2] and ``level_start_index`` [L] (int64, on ``device``) from the host's level sizes:
     no device arithmetic, and on CUDA a non-blocking copy instead of a synchronising one."""
@@ -104,11 +111,7 @@ class DeformableTransformerEncoder(nn.Module):
         """Centre of every valid-normalised pixel of every level, seen from every level: [B, S, L, 2]."""
         reference_points_list = []
         for lvl, (h, w) in enumerate(spatial_shapes):
-            ref_y, ref_x = torch.meshgrid(
-                torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
-                torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
-                indexing="ij",
-            )
+            ref_y, ref_x = torch.meshgrid(_pixels(h, device) + 0.5, _pixels(w, device) + 0.5, indexing="ij")
             ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
             ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)
             reference_points_list.append(torch.stack((ref_x, ref_y), -1))
@@ -263,11 +266,7 @@ class DeformableTransformer(nn.Module):
             mask_flatten = memory_padding_mask[:, cur : cur + h * w].view(n, h, w, 1)
             valid_h = torch.sum(~mask_flatten[:, :, 0, 0], 1)
             valid_w = torch.sum(~mask_flatten[:, 0, :, 0], 1)
-            grid_y, grid_x = torch.meshgrid(
-                torch.linspace(0, h - 1, h, dtype=torch.float32, device=memory.device),
-                torch.linspace(0, w - 1, w, dtype=torch.float32, device=memory.device),
-                indexing="ij",
-            )
+            grid_y, grid_x = torch.meshgrid(_pixels(h, memory.device), _pixels(w, memory.device), indexing="ij")
             grid = torch.cat([grid_x.unsqueeze(-1), grid_y.unsqueeze(-1)], -1)
             scale = torch.cat([valid_w.unsqueeze(-1), valid_h.unsqueeze(-1)], 1).view(n, 1, 1, 2)
             grid = (grid.unsqueeze(0).expand(n, -1, -1, -1) + 0.5) / scale

@@ -446,8 +446,11 @@ def export_model(model, images, f=None, *, mode: str = "decomposed", dynamic_sha
     [B, num_queries, num_classes] and ``pred_boxes`` [B, num_queries, 4] (normalized cx, cy, w, h).
 
     ``dynamic_shapes`` defaults to a dynamic batch, height and width (``{"images": {0: batch, 2: height,
-    3: width}}`` with ``torch.export.Dim.DYNAMIC``); pass ``{}`` for a graph of ``images``' fixed size. Give an
-    example batch of 2 or more: torch.export specialises a dimension of size 1 to 1. Other keyword
+    3: width}}`` with ``torch.export.Dim.DYNAMIC``); pass ``{}`` for a graph of ``images``' fixed size. The dynamic
+    graph runs at other batch and image sizes than the example's: the models derive their per-size tables (level
+    shapes, reference points, position encodings) from shapes torch.export keeps symbolic, and their eager per-size
+    caches are bypassed while exporting. Give an example batch of 2 or more: torch.export specialises a dimension
+    of size 1 to 1. Other keyword
     arguments go to ``torch.onnx.export`` (through :func:`export`, our op translated in ``mode``)."""
     if dynamic_shapes is None:
         dynamic = torch.export.Dim.DYNAMIC
