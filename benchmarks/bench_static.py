@@ -4,7 +4,7 @@ instructions (spills), shared memory, theoretical occupancy at the launch's bloc
 per-sample loop. Writes ``static-<yyyy-mm-dd>.json`` / ``.md`` into benchmarks/results/.
 
 CUDA: read from ``deformable_detr/_C*.so`` (built by ``make setup``; setup.py's default arch list without a GPU is
-8.0;8.6;8.9;9.0+PTX, so sm_80 and sm_90 SASS are both in it). Triton: ``triton.compile`` of an ``ASTSource``
+8.0;9.0+PTX, so sm_80 and sm_90 SASS are both in it). Triton: ``triton.compile`` of an ``ASTSource``
 with an explicit ``GPUTarget`` (what the autotuner would compile on that GPU for the model shape D = 32, pointers
 16-byte aligned).
 """
