@@ -10,6 +10,8 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
+#include "ms_deform_attn/cpu/ms_deform_attn_cpu_sample_batch.h"
+
 namespace deformable_detr {
 namespace msda {
 namespace DDETR_CPU_ISA {
@@ -351,6 +353,108 @@ void backward_kernel(const scalar_t* grad_out, const scalar_t* value, const int6
   });
 }
 
+#if defined(DDETR_HAVE_SAMPLE_BATCH)
+// The kernels above with the per-sample scalar work done kBatch samples at a time (ms_deform_attn_cpu_sample_batch.h):
+// fp32 accumulation, bilinear sampling, uniform point layout. Same sample order, so the same sums.
+template <typename scalar_t, int DT>
+void forward_kernel_batched(const scalar_t* value, const int64_t* shapes, const int64_t* starts, const float* locations,
+                            const float* weights, scalar_t* out, const Sizes& s) {
+  const int64_t N = s.N, S = s.S, M = s.M, K = s.K, Q = s.Q;
+  const int64_t D = DT > 0 ? DT : s.D;
+  const int64_t row_stride = M * D;
+  const PointTable table(s, shapes, starts, row_stride);
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K * D * 4));
+  at::parallel_for(0, N * Q * M, grain, [&](int64_t begin, int64_t end) {
+    Channels<scalar_t, DT> ch(D);
+    SampleBatch b;
+    for (int64_t row = begin; row < end; ++row) {  // row = nq * M + m
+      const int64_t n = row / (Q * M), m = row % M;
+      const scalar_t* head = value + (n * S * M + m) * D;
+      ch.zero();
+      bool nan_row = false;
+      for (int64_t p0 = 0; p0 < K; p0 += kBatch) {
+        const int count = static_cast<int>(std::min<int64_t>(kBatch, K - p0));
+        const int64_t sample0 = row * K + p0;
+        b.compute(locations + 2 * sample0, weights + sample0, count, table, p0);
+        nan_row = nan_row || any_lane(~b.any & (b.nan_loc | (b.a != b.a)));
+        for (int i = 0; i < count; ++i) {
+          const int32_t valid = b.valid[i];
+          if (valid == 0) continue;
+          const scalar_t* level = head + table.base[p0 + i];
+          for (int k = 0; k < 4; ++k) {
+            if (valid & (1 << k)) ch.add(k, b.coeff[k][i], level + b.offset[k][i] * row_stride);
+          }
+        }
+      }
+      scalar_t* o = out + row * D;
+      if (nan_row) {
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(quiet_nan<float>());
+      } else {
+        ch.store(o);
+      }
+    }
+  });
+}
+
+template <typename scalar_t, int DT>
+void backward_kernel_batched(const scalar_t* grad_out, const scalar_t* value, const int64_t* shapes,
+                             const int64_t* starts, const float* locations, const float* weights, float* grad_value_acc,
+                             float* grad_locations, float* grad_weights, const Sizes& s, int64_t chunks) {
+  const int64_t N = s.N, S = s.S, M = s.M, K = s.K, Q = s.Q;
+  const int64_t D = DT > 0 ? DT : s.D;
+  const int64_t row_stride = M * D;
+  const int64_t queries_per_chunk = (Q + chunks - 1) / chunks;
+  const PointTable table(s, shapes, starts, row_stride);
+  at::parallel_for(0, chunks * N * M, 1, [&](int64_t begin, int64_t end) {
+    Channels<scalar_t, DT> ch(D);
+    SampleBatch b;
+    alignas(32) float dots[4][kBatch];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t chunk = task / (N * M);
+      const int64_t n = (task / M) % N;
+      const int64_t m = task % M;
+      const int64_t q_begin = chunk * queries_per_chunk;
+      const int64_t q_end = std::min(Q, q_begin + queries_per_chunk);
+      const scalar_t* head = value + (n * S * M + m) * D;
+      float* gv_head = grad_value_acc + ((chunk * N + n) * S * M + m) * D;
+      for (int64_t q = q_begin; q < q_end; ++q) {
+        const int64_t row = (n * Q + q) * M + m;
+        ch.load(grad_out + row * D);
+        for (int64_t p0 = 0; p0 < K; p0 += kBatch) {
+          const int count = static_cast<int>(std::min<int64_t>(kBatch, K - p0));
+          const int64_t sample0 = row * K + p0;
+          b.compute(locations + 2 * sample0, weights + sample0, count, table, p0);
+          for (int i = 0; i < count; ++i) {
+            const int32_t valid = b.valid[i];
+            if (valid == 0) {
+              for (int k = 0; k < 4; ++k) dots[k][i] = 0;
+              continue;
+            }
+            const int64_t level = table.base[p0 + i];
+            ch.begin_sample();
+            for (int k = 0; k < 4; ++k) {
+              if (!(valid & (1 << k))) continue;
+              const int64_t offset = level + b.offset[k][i] * row_stride;
+              ch.corner(k, head + offset, gv_head + offset, b.coeff[k][i]);
+            }
+            float d[4];
+            ch.dots(d);
+            for (int k = 0; k < 4; ++k) dots[k][i] = d[k];
+          }
+          store_sample_grads(b, dots, table, p0, count, grad_locations + 2 * sample0, grad_weights + sample0);
+        }
+      }
+    }
+  });
+}
+
+// Whether the batched kernels apply: fp32 accumulation, bilinear sampling, uniform points, int32 offsets.
+template <typename scalar_t>
+bool use_sample_batch(const Sizes& s, const int64_t* shapes) {
+  return std::is_same_v<at::opmath_type<scalar_t>, float> && PointTable::fits(s, shapes);
+}
+#endif
+
 template <typename scalar_t, typename Launch>
 void dispatch_head_dim(int64_t D, Launch&& launch) {
   switch (D) {
@@ -375,6 +479,14 @@ void forward(const scalar_t* value, const int64_t* shapes, const int64_t* starts
              const at::opmath_type<scalar_t>* locations, const at::opmath_type<scalar_t>* weights, scalar_t* out,
              const Sizes& s) {
   dispatch_head_dim<scalar_t>(s.D, [&](auto dt) {
+#if defined(DDETR_HAVE_SAMPLE_BATCH)
+    if constexpr (std::is_same_v<at::opmath_type<scalar_t>, float>) {
+      if (use_sample_batch<scalar_t>(s, shapes)) {
+        forward_kernel_batched<scalar_t, decltype(dt)::value>(value, shapes, starts, locations, weights, out, s);
+        return;
+      }
+    }
+#endif
     forward_kernel<scalar_t, decltype(dt)::value>(value, shapes, starts, locations, weights, out, s);
   });
 }
@@ -385,6 +497,15 @@ void backward(const scalar_t* grad_out, const scalar_t* value, const int64_t* sh
               at::opmath_type<scalar_t>* grad_value_acc, at::opmath_type<scalar_t>* grad_locations,
               at::opmath_type<scalar_t>* grad_weights, const Sizes& s, int64_t chunks) {
   dispatch_head_dim<scalar_t>(s.D, [&](auto dt) {
+#if defined(DDETR_HAVE_SAMPLE_BATCH)
+    if constexpr (std::is_same_v<at::opmath_type<scalar_t>, float>) {
+      if (use_sample_batch<scalar_t>(s, shapes)) {
+        backward_kernel_batched<scalar_t, decltype(dt)::value>(grad_out, value, shapes, starts, locations, weights,
+                                                               grad_value_acc, grad_locations, grad_weights, s, chunks);
+        return;
+      }
+    }
+#endif
     backward_kernel<scalar_t, decltype(dt)::value>(grad_out, value, shapes, starts, locations, weights, grad_value_acc,
                                                    grad_locations, grad_weights, s, chunks);
   });
