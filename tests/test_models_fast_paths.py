@@ -8,6 +8,7 @@ import torch
 
 from deformable_detr import MSDeformAttn
 from deformable_detr.models.layers import Dropout, _keep_threshold, dropout
+from deformable_detr.ops import levels
 
 
 def test_dropout_rate_scale_and_gradient():
@@ -62,7 +63,7 @@ def test_point_locations_equal_the_direct_formula(levels_in_reference, dtype):
     starts = torch.tensor([0, 63, 83])
     query = torch.randn(2, 11, 64, dtype=dtype, requires_grad=True)
     reference = torch.rand(2, 11, levels_in_reference, 2, dtype=dtype, requires_grad=True)
-    got = attn._point_locations(query, reference, shapes, starts, 84)
+    got = attn._point_locations(query, reference, shapes, levels.lookup(shapes, starts, 84))
     offsets = attn.sampling_offsets(query).view(2, 11, 4, 3, 5, 2)
     normalizer = torch.stack([shapes[:, 1], shapes[:, 0]], -1).to(dtype)
     want = reference[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
