@@ -52,11 +52,11 @@ note() { echo "$*" | tee -a "$SUMMARY"; }
 
 remaining() { echo $((DEADLINE - ($(date +%s) - START))); }
 
-# run_stage NAME LOGFILE TIMEOUT_S CMD...: runs CMD with its output appended to LOGFILE (and to $OUT/gpu_check.log),
+# run_stage NAME TIMEOUT_S CMD...: runs CMD with its output in $LOGDIR/NAME.log (appended to $OUT/gpu_check.log),
 # under a timeout cut to the time left; records ok / FAILED (rc) / TIMEOUT in the summary.
 run_stage() {
-    local name=$1 log=$2 limit=$3
-    shift 3
+    local name=$1 limit=$2
+    shift 2
     local left
     left=$(remaining)
     if ((left < 20)); then
@@ -65,14 +65,12 @@ run_stage() {
         return 1
     fi
     ((limit > left - 10)) && limit=$((left - 10))
-    local t0 rc
+    local t0 rc log=$LOGDIR/$name.log
     t0=$(date +%s)
-    local part=$LOGDIR/.stage
-    echo "### $name: $* (timeout ${limit}s)" >"$part"
-    timeout --kill-after=10 "$limit" "$@" >>"$part" 2>&1
-    local rc=$?
-    cat "$part" >>"$log"
-    cat "$part" >>"$LOG"
+    echo "### $name: $* (timeout ${limit}s)" >"$log"
+    timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
+    rc=$?
+    cat "$log" >>"$LOG"
     local dt=$(($(date +%s) - t0))
     if ((rc == 0)); then
         note "$(printf '%-12s ok        %4ss' "$name" "$dt")"
@@ -108,7 +106,7 @@ stage_peers() {
         # --target keeps the image's site-packages untouched; sdists (dcnv4) compile here against its torch.
         mkdir -p /tmp/gpu_check_peers
         export PYTHONPATH=/tmp/gpu_check_peers${PYTHONPATH:+:$PYTHONPATH}
-        run_stage peers "$LOGDIR/build.log" 300 "$PY" -m pip install --no-index --no-build-isolation --no-deps \
+        run_stage peers 300 "$PY" -m pip install --no-index --no-build-isolation --no-deps \
             --target /tmp/gpu_check_peers "$PEER_DIR"/*
     else
         note "$(printf '%-12s skipped   (no PEER_DIR / .peers: peers will read "not installed")' peers)"
@@ -121,9 +119,9 @@ stage_build() {
         note "$(printf '%-12s skipped   (GPU_CHECK_SKIP_BUILD=1)' build)"
     else
         export MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 4)}
-        run_stage build "$LOGDIR/build.log" 400 "$PY" setup.py build_ext --inplace
+        run_stage build 400 "$PY" setup.py build_ext --inplace
     fi
-    run_stage import "$LOGDIR/build.log" 60 "$PY" -c "
+    run_stage import 60 "$PY" -c "
 import deformable_detr as dd
 from deformable_detr._extension import load_error
 print('extension error:', load_error())
@@ -139,11 +137,11 @@ if torch.cuda.is_available():
 stage_test() {
     # Some test modules import packages the device image lacks (transformers, pycocotools): their collection
     # errors must not abort the GPU tests of the other modules. rc 5 = nothing collected (fine without a GPU).
-    run_stage pytest-gpu "$LOGDIR/pytest_gpu.log" 300 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfEs --durations=15 \
+    run_stage pytest-gpu 300 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfEs --durations=15 \
         --continue-on-collection-errors tests
     local rc=$?
     if ((rc == 5 && HAVE_GPU == 0)); then FAILED=$((FAILED - 1)); fi
-    grep -E '^(FAILED|ERROR)|[0-9]+ (passed|failed|skipped)' "$LOGDIR/.stage" | tail -15 | tee -a "$SUMMARY"
+    grep -E '^(FAILED|ERROR)|[0-9]+ (passed|failed|skipped)' "$LOGDIR/pytest-gpu.log" | tail -15 | tee -a "$SUMMARY"
 }
 
 # --- compute-sanitizer on a small GPU subset
@@ -168,10 +166,10 @@ stage_sanitize() {
         # Without the caching allocator every tensor is its own cudaMalloc, so an out-of-bounds access lands
         # outside any allocation and memcheck sees it instead of reading a neighbour in the same pool block.
         for tool in memcheck racecheck synccheck; do
-            run_stage "$tool" "$LOGDIR/sanitizer.log" 180 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+            run_stage "$tool" 180 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
                 "$SAN" --tool "$tool" --error-exitcode 99 --print-limit 20 \
                 "$PY" -m pytest -m gpu -q -x -p no:cacheprovider --continue-on-collection-errors "${files[@]}" "${kargs[@]}"
-            grep -E '^(FAILED|ERROR)|ERROR SUMMARY|RACECHECK SUMMARY|[0-9]+ (passed|failed)' "$LOGDIR/.stage" | tail -6 |
+            grep -E '^(FAILED|ERROR)|ERROR SUMMARY|RACECHECK SUMMARY|[0-9]+ (passed|failed)' "$LOGDIR/$tool.log" | tail -6 |
                 sed "s/^/  $tool: /" | tee -a "$SUMMARY"
         done
     fi
@@ -183,7 +181,7 @@ stage_bench() {
         if ((HAVE_GPU)); then BENCH_ARGS=""; else BENCH_ARGS="--quick --suites msda"; fi
     fi
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of words on purpose
-    run_stage bench "$LOGDIR/bench.log" 420 "$PY" -m benchmarks --no-progress --out "$OUT" $BENCH_ARGS
+    run_stage bench 420 "$PY" -m benchmarks --no-progress --out "$OUT" $BENCH_ARGS
     # The committed roofline predictions (results/roofline-*.json) gain the measured column and the ratio.
     bench_json=$(ls -t "$OUT"/*.json 2>/dev/null | grep -v roofline | head -1)
     if ((HAVE_GPU)) && [[ -n $bench_json ]]; then
