@@ -230,6 +230,17 @@ struct VecChannels {
 template <typename scalar_t, int DT>
 using Channels = std::conditional_t<use_vec<scalar_t, DT>(), VecChannels<scalar_t, DT>, ScalarChannels<scalar_t, DT>>;
 
+// One output row: the channel sums, or NaN in every channel when a sample of the head is NaN (the non-finite rule
+// of ms_deform_attn_math.h).
+template <typename scalar_t, int DT>
+void store_row(Channels<scalar_t, DT>& ch, scalar_t* o, int64_t D, bool nan_row) {
+  if (nan_row) {
+    for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(quiet_nan<at::opmath_type<scalar_t>>());
+  } else {
+    ch.store(o);
+  }
+}
+
 // Forward parallelises over output rows (n, q, m), m fastest. (Head-major order, one head's 0.7 MB slice of value
 // at a time, measured slower: benchmarks/NOTES.md, CPU section.)
 template <typename scalar_t, int DT>
@@ -267,12 +278,7 @@ void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t*
           }
         }
       }
-      scalar_t* o = out + row * D;
-      if (nan_row) {
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(quiet_nan<acc_t>());
-      } else {
-        ch.store(o);
-      }
+      store_row<scalar_t, DT>(ch, out + row * D, D, nan_row);
     }
   });
 }
@@ -386,12 +392,7 @@ void forward_kernel_batched(const scalar_t* value, const int64_t* shapes, const 
           }
         }
       }
-      scalar_t* o = out + row * D;
-      if (nan_row) {
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(quiet_nan<float>());
-      } else {
-        ch.store(o);
-      }
+      store_row<scalar_t, DT>(ch, out + row * D, D, nan_row);
     }
   });
 }
