@@ -1,6 +1,7 @@
 """Each input is checked once per call: ``dd.ms_deform_attn`` and a model layer (``MSDeformAttn``) look the level
-tables up once per call, and the tables' values are read (``levels._read_host_levels``) once per table — once
-per call only for tables that cannot be cached (inference tensors). Counted, not timed."""
+tables up once per call, and the tables' values are read once per table, by one checker: the compiled CPU op in
+C++ (``_C.table_reads()``) when it runs the call, else ``levels._read_host_levels`` — once per call only for
+tables that cannot be cached (inference tensors). Counted, not timed."""
 
 from __future__ import annotations
 
@@ -9,8 +10,19 @@ import torch
 from support.oracle import make_inputs
 
 import deformable_detr as dd
+from deformable_detr._extension import extension_loaded
 from deformable_detr.models.deformable_transformer import DeformableTransformer
 from deformable_detr.ops import levels
+
+
+def _cxx_reads() -> int:
+    """Table reads of the compiled CPU op so far (0 without the extension: nothing else reads in C++)."""
+    if not extension_loaded():
+        return 0
+    from deformable_detr import _C
+
+    return _C.table_reads()
+
 
 SHAPES = [(4, 3), (2, 2), (1, 1)]
 
@@ -34,13 +46,16 @@ class _CountingCache(dict):
 
 
 class Counts:
+    """Cache probes of the Python lookup, and value reads in Python and C++ together (``reads``)."""
+
     def __init__(self, monkeypatch):
         self.cache = _CountingCache()
-        self.reads = 0
+        self.python_reads = 0
+        self.cxx_start = _cxx_reads()
         read = levels._read_host_levels
 
         def counting_read(*args, **kwargs):
-            self.reads += 1
+            self.python_reads += 1
             return read(*args, **kwargs)
 
         monkeypatch.setattr(levels, "_CACHE", self.cache)
@@ -50,9 +65,18 @@ class Counts:
     def probes(self) -> int:
         return self.cache.probes
 
+    @property
+    def cxx_reads(self) -> int:
+        return _cxx_reads() - self.cxx_start
+
+    @property
+    def reads(self) -> int:
+        return self.python_reads + self.cxx_reads
+
     def reset(self) -> None:
         self.cache.probes = 0
-        self.reads = 0
+        self.python_reads = 0
+        self.cxx_start = _cxx_reads()
 
 
 @pytest.fixture
@@ -81,13 +105,30 @@ def _tables():
     return torch.tensor(SHAPES), torch.tensor(starts)
 
 
-def test_op_looks_the_tables_up_once_per_call_and_reads_them_once(counts):
+BACKENDS = dd.available_backends("cpu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_op_looks_the_tables_up_once_per_call_and_reads_them_once(counts, backend):
     value, ss, lsi, loc, attn = _op_inputs()
-    dd.ms_deform_attn(value, ss, lsi, loc, attn)
+    dd.ms_deform_attn(value, ss, lsi, loc, attn, backend=backend)
     assert (counts.probes, counts.reads) == (1, 1)
+    # one checker: C++ when the compiled CPU op runs the call, Python otherwise
+    assert counts.cxx_reads == (1 if backend == "cpu" else 0)
     counts.reset()
-    dd.ms_deform_attn(value, ss, lsi, loc, attn)  # the same tables: a cache hit, no value read
+    dd.ms_deform_attn(value, ss, lsi, loc, attn, backend=backend)  # the same tables: a cache hit, no value read
     assert (counts.probes, counts.reads) == (1, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_forward_and_backward_read_the_tables_once(counts, dtype):
+    """The backward gets the forward's tables: recognised, not read again (fp16 widens to the fp32 kernel
+    without re-entering the checks)."""
+    value, ss, lsi, loc, attn = _op_inputs()
+    value = value.to(dtype).requires_grad_(True)
+    loc, attn = loc.float().requires_grad_(True), attn.float()
+    dd.ms_deform_attn(value, ss, lsi, loc, attn).sum().backward()
+    assert counts.reads == 1
 
 
 def test_layer_looks_the_tables_up_once_per_call_and_reads_them_once(counts):
@@ -152,3 +193,65 @@ def test_transformer_looks_the_tables_up_once_per_layer_call(counts):
         counts.reset()
         model(srcs, masks, pos, query_embed)  # padded: fresh tables per forward, read once
         assert (counts.probes, counts.reads) == (layer_calls, 1)
+
+
+needs_extension = pytest.mark.skipif(not extension_loaded(), reason="compiled extension not built")
+
+
+@needs_extension
+def test_raw_op_checks_a_table_once_and_again_after_an_edit(counts):
+    value, ss, lsi, loc, attn = _op_inputs()
+    op = torch.ops.deformable_detr.ms_deform_attn
+    op(value, ss, lsi, loc, attn)
+    op(value, ss, lsi, loc, attn)
+    assert counts.cxx_reads == 1
+    lsi[1] += 1  # an in-place write moves the version counter: read and refused
+    with pytest.raises(ValueError, match="level_start_index"):
+        op(value, ss, lsi, loc, attn)
+    lsi[1] -= 1
+    op(value, ss, lsi, loc, attn)
+    assert counts.cxx_reads == 3
+    with pytest.raises(ValueError, match="spatial_shapes"):  # a known table still meets every value's S
+        op(value[:, :-1], ss, lsi, loc, attn)
+    assert counts.cxx_reads == 3
+
+
+@needs_extension
+def test_raw_op_reads_inference_tables_on_every_call(counts):
+    value, ss, lsi, loc, attn = _op_inputs()
+    with torch.inference_mode():
+        ss_i, lsi_i = ss.clone(), lsi.clone()  # no version counter: not recognisable
+    for calls in (1, 2):
+        torch.ops.deformable_detr.ms_deform_attn(value, ss_i, lsi_i, loc, attn)
+        assert counts.cxx_reads == calls
+
+
+@needs_extension
+def test_raw_op_is_not_fooled_by_a_reused_address(counts):
+    """The C++ entry holds weak references: a dead table's address is not reused while it is remembered, so a
+    fresh bad table is read and refused, never taken for the checked one."""
+    value, ss, lsi, loc, attn = _op_inputs()
+    op = torch.ops.deformable_detr.ms_deform_attn
+    op(value, ss, lsi, loc, attn)
+    del ss
+    for _ in range(50):
+        bad = torch.tensor([(5, 3), (2, 2), (1, 1)])
+        with pytest.raises(ValueError, match="spatial_shapes"):
+            op(value, bad, lsi, loc, attn)
+
+
+@needs_extension
+def test_unseen_edit_of_a_checked_table_never_reads_outside_value(counts):
+    """A write that bypasses the version counter (a numpy view) is not seen by the once-per-table check; the
+    kernels bound every level to [0, S) (read_level), so the result is finite and computed in bounds: a level
+    pushed past S reads as empty, exactly as the oracle of the same call with that level's points removed."""
+    value, ss, lsi, loc, attn = _op_inputs()
+    op = torch.ops.deformable_detr.ms_deform_attn
+    op(value, ss, lsi, loc, attn)
+    ss.numpy()[0] = (4000, 3000)  # level 0 now claims 12 M positions of a 17-position value
+    out = op(value, ss, lsi, loc, attn)
+    assert counts.cxx_reads == 1
+    ss.numpy()[0] = SHAPES[0]
+    no_level0 = attn.clone()
+    no_level0[:, :, :, 0] = 0
+    torch.testing.assert_close(out, op(value, ss, lsi, loc, no_level0))

@@ -1,6 +1,8 @@
 // Host-side input validation shared by the CPU and CUDA entry points. Each message names the argument and
-// the expected shape or dtype; the Python wrapper raises friendlier ValueErrors before reaching here, these
-// guard direct torch.ops calls.
+// the expected shape or dtype, raised as ValueError / TypeError in Python (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE).
+// Shapes, dtypes and devices are checked on every call (the Python wrapper checks them too, with messages in its
+// own terms, for every backend); the tables' values are checked here only by the CPU entry, once per table
+// (cpu/ms_deform_attn_cpu.cpp), and the Python wrapper leaves them to it.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -149,7 +151,7 @@ inline void check_points_host(const at::Tensor& point_start_cpu, int64_t K) {
 }
 
 // Value-dependent checks (need the shapes on the host): every level non-empty-or-zero, starts consistent,
-// sum of H * W equal to S. Only called where the shapes are host-readable without a device sync.
+// sum of H * W equal to S. Called by the CPU entry for a table it has not checked before.
 inline void check_levels_host(const at::Tensor& spatial_shapes_cpu, const at::Tensor& level_start_cpu, int64_t S) {
   const auto shapes = spatial_shapes_cpu.contiguous();
   const auto starts = level_start_cpu.contiguous();

@@ -21,6 +21,21 @@
 namespace deformable_detr {
 namespace msda {
 
+// Level l of a table: its size and its first position in S. The kernels read the tables through this only, and a
+// level whose map would leave [0, S) reads as empty (H = W = 0). The CUDA host cannot validate a device table
+// without a sync, and the CPU entry checks a table's values once, not on every call (ms_deform_attn_checks.h,
+// checked_levels), so a corrupt or later-edited table gives zeros, never a read outside value.
+struct Level {
+  int64_t H, W, start;
+};
+
+DDETR_HOST_DEVICE_INLINE Level read_level(const int64_t* shapes, const int64_t* starts, int64_t l, int64_t S) {
+  const int64_t H = shapes[2 * l], W = shapes[2 * l + 1], start = starts[l];
+  constexpr int64_t kSide = int64_t{1} << 31;  // keeps H * W below 2^62: no overflow in the size test
+  const bool ok = H > 0 && W > 0 && H < kSide && W < kSide && start >= 0 && start <= S && H * W <= S - start;
+  return ok ? Level{H, W, start} : Level{0, 0, 0};
+}
+
 // Corner order: 0 = (h0, w0), 1 = (h0, w0 + 1), 2 = (h0 + 1, w0), 3 = (h0 + 1, w0 + 1).
 template <typename acc_t>
 struct Corners {

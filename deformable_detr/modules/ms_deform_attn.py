@@ -144,7 +144,7 @@ class MSDeformAttn(nn.Module):
         attention_weights = self.attention_weights(query).view(N, Len_q, self.n_heads, self.n_levels * self.n_points)
         attention_weights = F.softmax(attention_weights, -1).view(N, Len_q, self.n_heads, self.n_levels, self.n_points)
         # The one level-table lookup of this call: the normalizer and the op both use it.
-        level_table = lookup(input_spatial_shapes, input_level_start_index, Len_in)
+        level_table = lookup(input_spatial_shapes, input_level_start_index, Len_in, value.device)
         if reference_points.shape[-1] == 2:
             sampling_locations = self._point_locations(query, reference_points, input_spatial_shapes, level_table)
         elif reference_points.shape[-1] == 4:

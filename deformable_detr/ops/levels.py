@@ -9,7 +9,13 @@ version counters:
   after the tensor dies; its weak reference is then dead and the entry no longer matches);
 - contents: ``Tensor._version`` is bumped by every in-place write (``t[0] = 5``, ``t.add_(1)``, ``copy_``),
   so an edited table is checked again. Writes that bypass version counting (through ``t.data`` or raw storage)
-  are not seen; the C++ CPU op re-checks the values it reads, and the CUDA kernels bound every read per level.
+  are not seen; every kernel bounds its level reads to [0, S) (``read_level`` in C++, the Triton kernels' level
+  guard), so such a table gives wrong sums, never a read outside ``value``.
+
+Who reads the values: one checker per call. A call that runs the compiled CPU op leaves the values to that op,
+which checks each table once in C++ with the same identity/version rule (``_C.table_reads()`` counts its reads);
+every other call (CUDA, Triton, the reference, a lookup without a device) has them read and checked here, once
+per table (:meth:`LevelTable.check`).
 
 Tables that cannot be keyed safely (inference-mode tensors, which have no version counter; tensor subclasses;
 meta tensors) are checked on every call the same way, with host reads only of CPU tables (``tolist``, no tensor
@@ -64,18 +70,31 @@ def _to_index(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class LevelTable:
-    """One checked (spatial_shapes, level_start_index) pair: its total size, host rows (CPU tables) and the
-    converted copies / offset normalizers made so far. :func:`lookup` hands it out; a caller that needs both the
-    normalizer and the op (``MSDeformAttn``) passes it on instead of looking the pair up again."""
+    """One (spatial_shapes, level_start_index) pair: whether its values were checked here (``checked``; the host rows
+    ``host`` of a CPU table once read), its total size, and the converted copies / offset normalizers made so far.
+    :func:`lookup` hands it out; a caller that needs both the normalizer and the op (``MSDeformAttn``) passes it on
+    instead of looking the pair up again."""
 
-    __slots__ = ("shapes_ref", "starts_ref", "shapes_version", "starts_version", "total", "host", "copies", "norms")
+    __slots__ = (
+        "shapes_ref", "starts_ref", "shapes_version", "starts_version", "checked", "total", "host", "copies", "norms",
+    )  # fmt: skip
 
-    def __init__(self, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, S: int):
-        self.host = _read_host_levels(spatial_shapes, level_start_index, S)
-        self.total = None if self.host is None else S
+    def __init__(self):
+        self.host = self.total = None
+        self.checked = False
         self.shapes_ref = self.starts_ref = None
         self.copies: dict = {}
         self.norms: dict = {}
+
+    def check(self, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, S: int) -> None:
+        """Read and check a CPU table's values, once (ValueError naming the argument; a failed check is not
+        remembered); a device table is not read here (the kernels bound its reads)."""
+        if self.checked:
+            self.check_total(S)
+            return
+        self.host = _read_host_levels(spatial_shapes, level_start_index, S)
+        self.total = None if self.host is None else S
+        self.checked = True
 
     def matches(self, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor) -> bool:
         return (
@@ -133,8 +152,8 @@ class LevelTable:
 
 
 # Under torch.compile: no value is read and nothing is cached (the methods convert in the graph).
-_TRACED = LevelTable.__new__(LevelTable)
-_TRACED.host = _TRACED.total = _TRACED.shapes_ref = _TRACED.starts_ref = None
+_TRACED = LevelTable()
+_TRACED.checked = True
 
 _CACHE: dict[tuple[int, int], LevelTable] = {}
 
@@ -143,24 +162,28 @@ def _cacheable(t: torch.Tensor) -> bool:
     return type(t) is torch.Tensor and not t.is_inference() and t.device.type != "meta"
 
 
-def lookup(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, S: int) -> LevelTable:
-    """The checked table of the pair for a value with S = ``value.shape[1]`` positions (ValueError naming the
-    argument): one cache probe, and the values read only when the pair is new, edited, or cannot be cached."""
+def lookup(
+    spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, S: int, device: torch.device | None = None
+) -> LevelTable:
+    """The table of the pair for a value with S = ``value.shape[1]`` positions on ``device``: one cache probe. Its
+    values are read and checked here (ValueError naming the argument) when the pair is new, edited or cannot be
+    cached, unless ``device`` is the CPU: a CPU call leaves the check to the op that runs (the compiled CPU op
+    checks in C++; any other backend calls :meth:`LevelTable.check` in the op wrapper)."""
     if torch.compiler.is_compiling():
         return _TRACED
     key = (id(spatial_shapes), id(level_start_index))
     entry = _CACHE.get(key)
-    if entry is not None and entry.matches(spatial_shapes, level_start_index):
-        entry.check_total(S)
-        return entry
-    entry = LevelTable(spatial_shapes, level_start_index, S)  # raises on bad values: errors are never cached
-    if _cacheable(spatial_shapes) and _cacheable(level_start_index):
-        entry.shapes_ref, entry.starts_ref = weakref.ref(spatial_shapes), weakref.ref(level_start_index)
-        entry.shapes_version, entry.starts_version = spatial_shapes._version, level_start_index._version
-        _CACHE.pop(key, None)
-        if len(_CACHE) >= _MAX_ENTRIES:
-            del _CACHE[next(iter(_CACHE))]
-        _CACHE[key] = entry
+    if entry is None or not entry.matches(spatial_shapes, level_start_index):
+        entry = LevelTable()
+        if _cacheable(spatial_shapes) and _cacheable(level_start_index):
+            entry.shapes_ref, entry.starts_ref = weakref.ref(spatial_shapes), weakref.ref(level_start_index)
+            entry.shapes_version, entry.starts_version = spatial_shapes._version, level_start_index._version
+            _CACHE.pop(key, None)
+            if len(_CACHE) >= _MAX_ENTRIES:
+                del _CACHE[next(iter(_CACHE))]
+            _CACHE[key] = entry
+    if device is None or device.type != "cpu":
+        entry.check(spatial_shapes, level_start_index, S)
     return entry
 
 

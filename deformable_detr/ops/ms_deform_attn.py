@@ -295,8 +295,9 @@ def ms_deform_attn(
     weight), and +-inf, like any location off the map, clamps to the border pixel (discrete has no outside).
 
     Every call checks shapes, dtypes and devices; the level tables' values (sizes, starts, sum = S) are checked
-    once per table and cached by tensor identity and version counter (``deformable_detr.ops.levels``), so
-    passing the same tables to every layer costs a few microseconds. Meta tensors run the fake kernel.
+    once per table, by the compiled CPU op in C++ or else here, and recognised afterwards by tensor identity and
+    version counter (``deformable_detr.ops.levels``), so passing the same tables to every layer costs a few
+    microseconds. Meta tensors run the fake kernel.
     """
     return ms_deform_attn_with_levels(
         value,
@@ -331,7 +332,8 @@ def ms_deform_attn_with_levels(
     discrete = check_sampling(sampling)
     device = value.device
     if level_table is None:
-        level_table = lookup(spatial_shapes, level_start_index, value.shape[1])
+        level_table = lookup(spatial_shapes, level_start_index, value.shape[1], device)
+    tables = (spatial_shapes, level_start_index)
     spatial_shapes, level_start_index = level_table.on(device, spatial_shapes, level_start_index)
     point_start = None
     if ragged:
@@ -348,7 +350,10 @@ def ms_deform_attn_with_levels(
     backend, missing, native_points = _choice(backend, device)
     if missing is not None:
         raise RuntimeError(f"ms_deform_attn: {missing}")
-    if backend == "pytorch" or ((point_start is not None or discrete) and not native_points):
+    runs_reference = backend == "pytorch" or ((point_start is not None or discrete) and not native_points)
+    if runs_reference or backend != "cpu":  # the compiled CPU op checks the values itself (levels.py)
+        level_table.check(*tables, value.shape[1])
+    if runs_reference:
         return _reference_call(
             value,
             spatial_shapes,

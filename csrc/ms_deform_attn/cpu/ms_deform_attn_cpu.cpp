@@ -7,7 +7,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
+#include <mutex>
 #include <optional>
+#include <vector>
 
 #include "ms_deform_attn/cpu/ms_deform_attn_cpu_kernels.h"
 
@@ -17,21 +21,120 @@
 
 namespace deformable_detr {
 namespace msda {
+
 namespace {
 
-at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
-                              const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-                              const at::Tensor& attention_weights, const std::optional<at::Tensor>& point_start,
-                              bool discrete) {
+// How many times this process has read a table's values (level pair or point table) to check them.
+std::atomic<int64_t> g_table_reads{0};
+
+// Tables whose values passed check_levels_host / check_points_host, so that each table's values are read once,
+// not on every call (a model passes the same pair to every layer, forward and backward). An entry holds weak
+// references to the table tensors (while one exists, a TensorImpl's address is not reused, so identity by address
+// is sound), their version counters (every in-place write moves them), data pointers, and the total the values
+// add up to. Writes that bypass version counting (through `.data` or a numpy view) are not seen: the kernels read
+// the tables through read_level, which bounds every level to [0, S), so such a table gives wrong sums, never a
+// read outside value. Inference tensors have no version counter and are checked on every call.
+class CheckedTables {
+ public:
+  // The total recorded for the pair, or -1 when the pair is not known (new, edited, or not cacheable).
+  int64_t find(const at::Tensor& a, const at::Tensor& b) {
+    if (!cacheable(a) || !cacheable(b)) return -1;
+    const Key key = key_of(a, b);
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (const Entry& e : entries_) {
+      if (e.a._unsafe_get_target() == a.unsafeGetTensorImpl() && e.b._unsafe_get_target() == b.unsafeGetTensorImpl() &&
+          e.key == key) {
+        return e.total;
+      }
+    }
+    return -1;
+  }
+
+  void insert(const at::Tensor& a, const at::Tensor& b, int64_t total) {
+    if (!cacheable(a) || !cacheable(b)) return;
+    std::lock_guard<std::mutex> lock(mutex_);
+    // Entries of dead tables go first, then the oldest.
+    entries_.erase(
+        std::remove_if(entries_.begin(), entries_.end(), [](const Entry& e) { return e.a.expired() || e.b.expired(); }),
+        entries_.end());
+    if (entries_.size() >= kCapacity) entries_.erase(entries_.begin());
+    entries_.push_back(Entry{Weak(a.getIntrusivePtr()), Weak(b.getIntrusivePtr()), key_of(a, b), total});
+  }
+
+ private:
+  using Weak = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+  struct Key {
+    int64_t a_version, b_version;
+    const void *a_data, *b_data;
+    bool operator==(const Key& o) const {
+      return a_version == o.a_version && b_version == o.b_version && a_data == o.a_data && b_data == o.b_data;
+    }
+  };
+  struct Entry {
+    Weak a, b;
+    Key key;
+    int64_t total;
+  };
+  static constexpr size_t kCapacity = 64;
+
+  static bool cacheable(const at::Tensor& t) { return !t.is_inference(); }
+  static Key key_of(const at::Tensor& a, const at::Tensor& b) {
+    return {a._version(), b._version(), a.const_data_ptr(), b.const_data_ptr()};
+  }
+
+  std::mutex mutex_;
+  std::vector<Entry> entries_;
+};
+
+CheckedTables& checked_levels() {
+  static CheckedTables tables;
+  return tables;
+}
+
+CheckedTables& checked_points() {
+  static CheckedTables tables;
+  return tables;
+}
+
+// The checks of one call: shapes, dtypes and devices (attribute reads), then the tables' values, read only for a
+// table not checked before (or edited since). Returns the kernels' sizes.
+Sizes checked_sizes(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                    const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+                    const std::optional<at::Tensor>& point_start, bool discrete) {
   const Sizes s = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
                                point_start, discrete);
-  check_levels_host(spatial_shapes, level_start_index, s.S);
-  if (point_start) check_points_host(*point_start, s.K);
+  const int64_t total = checked_levels().find(spatial_shapes, level_start_index);
+  if (total < 0) {
+    g_table_reads.fetch_add(1, std::memory_order_relaxed);
+    check_levels_host(spatial_shapes, level_start_index, s.S);
+    checked_levels().insert(spatial_shapes, level_start_index, s.S);
+  } else {
+    TORCH_CHECK_VALUE(total == s.S, "ms_deform_attn: sum of H*W over spatial_shapes (", total,
+                      ") must equal value.shape[1] (S = ", s.S, ")");
+  }
+  if (point_start) {
+    const int64_t K = checked_points().find(*point_start, *point_start);
+    if (K < 0) {
+      g_table_reads.fetch_add(1, std::memory_order_relaxed);
+      check_points_host(*point_start, s.K);
+      checked_points().insert(*point_start, *point_start, s.K);
+    } else {
+      TORCH_CHECK_VALUE(K == s.K, "ms_deform_attn: point_start[L] must equal K = sampling_locations.shape[3] (", s.K,
+                        "), got ", K);
+    }
+  }
+  return s;
+}
+
+// The forward of checked inputs.
+at::Tensor forward_checked(const Sizes& s, const at::Tensor& value, const at::Tensor& spatial_shapes,
+                           const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                           const at::Tensor& attention_weights, const std::optional<at::Tensor>& point_start) {
   if (value.scalar_type() == at::kHalf) {
     // x86 has no cheap scalar fp16 -> fp32 conversion (bf16 is a shift): widening value once and running the fp32
     // kernel measured ~7x faster than converting at every corner read. Same numerics: fp32 math, one final rounding.
-    return ms_deform_attn_cpu(value.to(at::kFloat), spatial_shapes, level_start_index, sampling_locations,
-                              attention_weights, point_start, discrete)
+    return forward_checked(s, value.to(at::kFloat), spatial_shapes, level_start_index, sampling_locations,
+                           attention_weights, point_start)
         .to(at::kHalf);
   }
   // Every element is written by the kernel (NaN, a sum, or 0 for rows with no sample in a map): no memset.
@@ -49,19 +152,15 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
+// The backward of checked inputs.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_checked(
+    const Sizes& s, const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
     const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
-    const std::optional<at::Tensor>& point_start, bool discrete) {
-  const Sizes s = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-                               point_start, discrete);
-  check_levels_host(spatial_shapes, level_start_index, s.S);
-  if (point_start) check_points_host(*point_start, s.K);
-  check_grad_output(grad_output, value, s);
-  if (value.scalar_type() == at::kHalf) {  // see ms_deform_attn_cpu: fp16 runs the fp32 kernel on widened copies
+    const std::optional<at::Tensor>& point_start) {
+  if (value.scalar_type() == at::kHalf) {  // see forward_checked: fp16 runs the fp32 kernel on widened copies
     auto [grad_value, grad_locations, grad_weights] =
-        ms_deform_attn_backward_cpu(grad_output.to(at::kFloat), value.to(at::kFloat), spatial_shapes, level_start_index,
-                                    sampling_locations, attention_weights, point_start, discrete);
+        backward_checked(s, grad_output.to(at::kFloat), value.to(at::kFloat), spatial_shapes, level_start_index,
+                         sampling_locations, attention_weights, point_start);
     return {grad_value.to(at::kHalf), grad_locations, grad_weights};
   }
   // Every level empty (S = 0) still runs the kernel: the NaN rule gives NaN gradients to NaN samples there too.
@@ -98,7 +197,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   return {grad_value, grad_locations, grad_weights};
 }
 
+at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                              const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                              const at::Tensor& attention_weights, const std::optional<at::Tensor>& point_start,
+                              bool discrete) {
+  const Sizes s = checked_sizes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                                point_start, discrete);
+  return forward_checked(s, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                         point_start);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+    const std::optional<at::Tensor>& point_start, bool discrete) {
+  const Sizes s = checked_sizes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                                point_start, discrete);
+  check_grad_output(grad_output, value, s);
+  return backward_checked(s, grad_output, value, spatial_shapes, level_start_index, sampling_locations,
+                          attention_weights, point_start);
+}
+
 }  // namespace
+
+int64_t table_reads() { return g_table_reads.load(std::memory_order_relaxed); }
+
 }  // namespace msda
 }  // namespace deformable_detr
 

@@ -261,8 +261,9 @@ void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t*
       ch.zero();
       bool nan_row = false;  // the non-finite rule of ms_deform_attn_math.h, for samples with no corner in the map
       for (int64_t l = 0; l < L; ++l) {
-        const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
-        const scalar_t* level = value + ((n * S + starts[l]) * M + m) * D;
+        const Level lv = read_level(shapes, starts, l, S);
+        const int64_t H = lv.H, W = lv.W;
+        const scalar_t* level = value + ((n * S + lv.start) * M + m) * D;
         const PointRange points = level_points(s, l);
         for (int64_t p = points.begin; p < points.end; ++p) {
           const int64_t sample = row * K + p;
@@ -315,9 +316,10 @@ void backward_kernel(const scalar_t* grad_out, const scalar_t* value, const int6
         const int64_t row = (n * Q + q) * M + m;
         ch.load(grad_out + row * D);
         for (int64_t l = 0; l < L; ++l) {
-          const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
-          const scalar_t* level = value + ((n * S + starts[l]) * M + m) * D;
-          acc_t* gv_level = gv_head + starts[l] * row_stride;
+          const Level lv = read_level(shapes, starts, l, S);
+          const int64_t H = lv.H, W = lv.W;
+          const scalar_t* level = value + ((n * S + lv.start) * M + m) * D;
+          acc_t* gv_level = gv_head + lv.start * row_stride;
           const PointRange points = level_points(s, l);
           for (int64_t p = points.begin; p < points.end; ++p) {
             const int64_t sample = row * K + p;
@@ -451,8 +453,8 @@ void backward_kernel_batched(const scalar_t* grad_out, const scalar_t* value, co
 
 // Whether the batched kernels apply: fp32 accumulation, bilinear sampling, uniform points, int32 offsets.
 template <typename scalar_t>
-bool use_sample_batch(const Sizes& s, const int64_t* shapes) {
-  return std::is_same_v<at::opmath_type<scalar_t>, float> && PointTable::fits(s, shapes);
+bool use_sample_batch(const Sizes& s, const int64_t* shapes, const int64_t* starts) {
+  return std::is_same_v<at::opmath_type<scalar_t>, float> && PointTable::fits(s, shapes, starts);
 }
 #endif
 
@@ -482,7 +484,7 @@ void forward(const scalar_t* value, const int64_t* shapes, const int64_t* starts
   dispatch_head_dim<scalar_t>(s.D, [&](auto dt) {
 #if defined(DDETR_HAVE_SAMPLE_BATCH)
     if constexpr (std::is_same_v<at::opmath_type<scalar_t>, float>) {
-      if (use_sample_batch<scalar_t>(s, shapes)) {
+      if (use_sample_batch<scalar_t>(s, shapes, starts)) {
         forward_kernel_batched<scalar_t, decltype(dt)::value>(value, shapes, starts, locations, weights, out, s);
         return;
       }
@@ -500,7 +502,7 @@ void backward(const scalar_t* grad_out, const scalar_t* value, const int64_t* sh
   dispatch_head_dim<scalar_t>(s.D, [&](auto dt) {
 #if defined(DDETR_HAVE_SAMPLE_BATCH)
     if constexpr (std::is_same_v<at::opmath_type<scalar_t>, float>) {
-      if (use_sample_batch<scalar_t>(s, shapes)) {
+      if (use_sample_batch<scalar_t>(s, shapes, starts)) {
         backward_kernel_batched<scalar_t, decltype(dt)::value>(grad_out, value, shapes, starts, locations, weights,
                                                                grad_value_acc, grad_locations, grad_weights, s, chunks);
         return;

@@ -34,23 +34,24 @@ struct PointTable {
     live.assign(padded, 0);
     base.assign(padded, 0);
     for (int64_t l = 0; l < s.L; ++l) {
-      const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
+      const Level lv = read_level(shapes, starts, l, s.S);
+      const int64_t H = lv.H, W = lv.W;
       for (int64_t p = l * s.P; p < (l + 1) * s.P; ++p) {
         Hf[p] = static_cast<float>(H);
         Wf[p] = static_cast<float>(W);
         Hi[p] = static_cast<int32_t>(H);
         Wi[p] = static_cast<int32_t>(W);
         live[p] = (H > 0 && W > 0) ? -1 : 0;
-        base[p] = starts[l] * row_stride;
+        base[p] = lv.start * row_stride;
       }
     }
   }
   // Corner offsets are computed in int32: every level must have h * W + w + W + 1 < 2^31.
-  static bool fits(const Sizes& s, const int64_t* shapes) {
+  static bool fits(const Sizes& s, const int64_t* shapes, const int64_t* starts) {
     if (s.point_start != nullptr || s.discrete) return false;
     for (int64_t l = 0; l < s.L; ++l) {
-      const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
-      if (H < 0 || W < 0 || (H + 1) * (W + 1) >= (int64_t{1} << 31)) return false;
+      const Level lv = read_level(shapes, starts, l, s.S);
+      if ((lv.H + 1) * (lv.W + 1) >= (int64_t{1} << 31)) return false;
     }
     return true;
   }

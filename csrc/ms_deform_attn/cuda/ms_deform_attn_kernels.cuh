@@ -34,20 +34,6 @@ using cuda_detail::group_sum;
 using cuda_detail::load_vec;
 using cuda_detail::store_vec;
 
-struct Level {
-  int64_t H, W, start;
-};
-
-// The host cannot validate spatial_shapes / level_start_index on the device without a sync, so a level whose
-// map would leave [0, S) of its (n, m) slice is read as empty: corrupt shapes give zeros, never a stray read.
-__device__ __forceinline__ Level read_level(const int64_t* __restrict__ shapes, const int64_t* __restrict__ starts,
-                                            int64_t l, int64_t S) {
-  const int64_t H = shapes[2 * l], W = shapes[2 * l + 1], start = starts[l];
-  constexpr int64_t kSide = int64_t{1} << 31;  // keeps H * W below 2^62: no overflow in the size test
-  const bool ok = H > 0 && W > 0 && H < kSide && W < kSide && start >= 0 && start <= S && H * W <= S - start;
-  return ok ? Level{H, W, start} : Level{0, 0, 0};
-}
-
 // Items run query-fastest: the groups of a block then serve one head of neighbouring queries, which in the
 // encoder sample neighbouring pixels of the same channel slice, so corner rows are shared through L1. Returns
 // the (n, q, m) row of the item in the (N, Q, M, ...) layouts of locations, weights and out.

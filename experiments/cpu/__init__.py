@@ -1,0 +1,1 @@
+"""CPU kernel measurements that explain the benchmark figures (benchmarks/NOTES.md, CPU section)."""
