@@ -1,7 +1,8 @@
 """Nanoseconds per sample of the compiled CPU op, forward and backward, one thread, as the value tensor grows from
 cache-resident to the scaled encoder's size, with the benchmark's uniformly random locations and with locations
 near each query's own pixel (what an encoder layer's offsets give). Separates the per-sample arithmetic from the
-cost of reaching value / grad_value. ``python -m experiments.cpu.working_set``: 3 rounds, medians."""
+cost of reaching value / grad_value; then the scaled encoder's forward and backward at 1 and 2 threads (how each
+scales). ``python -m experiments.cpu.working_set``: 3 rounds, medians."""
 
 from __future__ import annotations
 
@@ -73,6 +74,29 @@ def main() -> None:
     for coherent, S, mib, f, b in rows:
         kind = "near the query" if coherent else "uniform random"
         print(f"| {kind} | {S} | {mib:.2f} | {f:.1f} | {b:.1f} | {b / f:.2f} |")
+    _scaling()
+
+
+def _scaling() -> None:
+    value, shapes, starts, loc, attn, grad, _ = _inputs(1.0, False)
+    passes = {
+        "fwd": functools.partial(OPS.ms_deform_attn, value, shapes, starts, loc, attn),
+        "bwd": functools.partial(OPS.ms_deform_attn_backward, grad, value, shapes, starts, loc, attn, None, False),
+    }
+    times: dict[tuple[str, int], list[float]] = {}
+    for _ in range(3):
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for name, fn in passes.items():
+                times.setdefault((name, threads), []).append(_time(fn))
+    torch.set_num_threads(1)
+    print()
+    print("Scaled encoder, uniform random locations: ms per call, interleaved, medians of 3 rounds")
+    print("| pass | 1 thread | 2 threads | speed-up |")
+    print("|---|---|---|---|")
+    for name in passes:
+        one, two = (statistics.median(times[(name, t)]) * 1e3 for t in (1, 2))
+        print(f"| {name} | {one:.1f} | {two:.1f} | {one / two:.2f} |")
 
 
 if __name__ == "__main__":

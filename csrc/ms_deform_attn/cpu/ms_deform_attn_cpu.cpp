@@ -177,23 +177,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_checked(
   // every thread busy; the chunks are summed in a fixed order, so the result is deterministic.
   const int64_t threads = at::get_num_threads();
   const int64_t slices = s.N * s.M;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(s.Q, (threads + slices - 1) / slices));
-  const bool direct = chunks == 1 && acc_dtype == value.scalar_type();
-  at::Tensor grad_value_acc = direct ? at::zeros_like(value, at::MemoryFormat::Contiguous)
-                                     : at::zeros({chunks, s.N, s.S, s.M, s.D}, value.options().dtype(acc_dtype));
+  BackwardPlan plan;
+  plan.chunks = std::max<int64_t>(1, std::min<int64_t>(s.Q, (threads + slices - 1) / slices));
+  // Head-major order when a head's samples outnumber its rows (the encoder: Q * K = 16 S): the corners of a sample
+  // become neighbouring rows and a head's rows one block, which halved the encoder-sized backward
+  // (benchmarks/NOTES.md, CPU section); it costs a transposed copy of value in and of grad_value out, more than it
+  // saves for a decoder's few queries over the same maps.
+  plan.head_major = s.M > 1 && s.Q * s.K >= s.S;
+  const bool direct = plan.chunks == 1 && acc_dtype == value.scalar_type() && !plan.head_major;
+  const auto acc_options = value.options().dtype(acc_dtype);
+  at::Tensor grad_value_acc = direct            ? at::zeros_like(value, at::MemoryFormat::Contiguous)
+                              : plan.head_major ? at::zeros({plan.chunks, s.N, s.M, s.S, s.D}, acc_options)
+                                                : at::zeros({plan.chunks, s.N, s.S, s.M, s.D}, acc_options);
   const auto go_c = grad_output.contiguous();
   const DenseInputs in =
       dense_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, point_start);
+  const at::Tensor value_k = plan.head_major ? value.permute({0, 2, 1, 3}).contiguous() : in.value;
   const Sizes ks = in.with_points(s);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto* fn = cpu_kernel(&base::backward<scalar_t>, &avx2::backward<scalar_t>, &avx512::backward<scalar_t>);
-    fn(go_c.data_ptr<scalar_t>(), in.value.data_ptr<scalar_t>(), in.spatial_shapes.data_ptr<int64_t>(),
+    fn(go_c.data_ptr<scalar_t>(), value_k.data_ptr<scalar_t>(), in.spatial_shapes.data_ptr<int64_t>(),
        in.level_start_index.data_ptr<int64_t>(), in.sampling_locations.data_ptr<acc_t>(),
        in.attention_weights.data_ptr<acc_t>(), grad_value_acc.data_ptr<acc_t>(), grad_locations.data_ptr<acc_t>(),
-       grad_weights.data_ptr<acc_t>(), ks, chunks);
+       grad_weights.data_ptr<acc_t>(), ks, plan);
   });
-  at::Tensor grad_value = direct ? grad_value_acc : grad_value_acc.sum(0).to(value.scalar_type());
+  if (direct) return {grad_value_acc, grad_locations, grad_weights};
+  const at::Tensor summed = plan.chunks == 1 ? grad_value_acc.select(0, 0) : grad_value_acc.sum(0);
+  // One pass back to value's order and dtype.
+  at::Tensor grad_value = at::empty_like(value, at::MemoryFormat::Contiguous);
+  grad_value.copy_(plan.head_major ? summed.permute({0, 2, 1, 3}) : summed);
   return {grad_value, grad_locations, grad_weights};
 }
 

@@ -17,6 +17,15 @@
 namespace deformable_detr {
 namespace msda {
 
+// How the backward runs: `chunks` query chunks, each with its own slice of grad_value_acc (summed afterwards), and
+// the order of value and grad_value_acc: (N, S, M, D) as the op takes value, or head-major (N, M, S, D), where a
+// head's rows are contiguous and a sample's corners (w0, w0 + 1) are neighbouring rows in memory. grad_value_acc
+// has shape (chunks, N, ...) in the same order.
+struct BackwardPlan {
+  int64_t chunks = 1;
+  bool head_major = false;
+};
+
 #define DDETR_MSDA_DECLARE_CPU_KERNELS(ns)                                                                          \
   namespace ns {                                                                                                    \
   template <typename scalar_t>                                                                                      \
@@ -27,7 +36,7 @@ namespace msda {
   void backward(const scalar_t* grad_out, const scalar_t* value, const int64_t* shapes, const int64_t* starts,      \
                 const at::opmath_type<scalar_t>* locations, const at::opmath_type<scalar_t>* weights,               \
                 at::opmath_type<scalar_t>* grad_value_acc, at::opmath_type<scalar_t>* grad_locations,               \
-                at::opmath_type<scalar_t>* grad_weights, const Sizes& s, int64_t chunks);                           \
+                at::opmath_type<scalar_t>* grad_weights, const Sizes& s, const BackwardPlan& plan);                 \
   }
 DDETR_MSDA_DECLARE_CPU_KERNELS(base)
 DDETR_MSDA_DECLARE_CPU_KERNELS(avx2)
@@ -71,7 +80,7 @@ Fn cpu_kernel(Fn default_copy, Fn avx2_copy, Fn avx512_copy) {
   template <typename scalar_t>                                                                                        \
   void backward(const scalar_t*, const scalar_t*, const int64_t*, const int64_t*, const at::opmath_type<scalar_t>*,   \
                 const at::opmath_type<scalar_t>*, at::opmath_type<scalar_t>*, at::opmath_type<scalar_t>*,             \
-                at::opmath_type<scalar_t>*, const Sizes&, int64_t) {                                                  \
+                at::opmath_type<scalar_t>*, const Sizes&, const BackwardPlan&) {                                      \
     TORCH_CHECK(false, "ms_deform_attn: the " #ns " CPU kernels were not compiled for this target");                  \
   }                                                                                                                   \
   template void forward<float>(const float*, const int64_t*, const int64_t*, const float*, const float*, float*,      \

@@ -284,10 +284,17 @@ void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t*
   });
 }
 
-// grad_value_acc has shape (chunks, N, S, M, D): task (chunk, n, m) owns slice [chunk, n, :, m, :], so no two
-// threads ever write the same element and the result does not depend on scheduling. (Walking rows in memory
-// order like the forward, with one private buffer per thread, measured no faster at one thread and costs a
-// buffer sum at two: benchmarks/NOTES.md, CPU section.)
+// Element offsets of a value / grad_value_acc row in the plan's order: batch n, head m, spatial position.
+struct RowStrides {
+  int64_t batch, head, position;
+  RowStrides(const Sizes& s, const BackwardPlan& plan)
+      : batch(s.S * s.M * s.D), head(plan.head_major ? s.S * s.D : s.D), position(plan.head_major ? s.D : s.M * s.D) {}
+};
+
+// grad_value_acc has shape (chunks, N, S, M, D) or head-major (chunks, N, M, S, D): task (chunk, n, m) owns the
+// rows of head m of [chunk, n], so no two threads ever write the same element and the result does not depend on
+// scheduling. (Walking rows in memory order like the forward, with one private buffer per thread, measured no
+// faster at one thread and costs a buffer sum at two: benchmarks/NOTES.md, CPU section.)
 //
 // The bilinear value and its position gradient are linear in the corner values, so per sample we only need the
 // four dot products G_k = <grad_out, v_k> over channels; interpolate() and accumulate_position_grad() are then
@@ -296,12 +303,14 @@ template <typename scalar_t, int DT>
 void backward_kernel(const scalar_t* grad_out, const scalar_t* value, const int64_t* shapes, const int64_t* starts,
                      const at::opmath_type<scalar_t>* locations, const at::opmath_type<scalar_t>* weights,
                      at::opmath_type<scalar_t>* grad_value_acc, at::opmath_type<scalar_t>* grad_locations,
-                     at::opmath_type<scalar_t>* grad_weights, const Sizes& s, int64_t chunks) {
+                     at::opmath_type<scalar_t>* grad_weights, const Sizes& s, const BackwardPlan& plan) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = s.N, S = s.S, M = s.M, L = s.L, K = s.K, Q = s.Q;
   const bool discrete = s.discrete;
   const int64_t D = DT > 0 ? DT : s.D;
-  const int64_t row_stride = M * D;
+  const RowStrides strides(s, plan);
+  const int64_t row_stride = strides.position;
+  const int64_t chunks = plan.chunks;
   const int64_t queries_per_chunk = (Q + chunks - 1) / chunks;
   at::parallel_for(0, chunks * N * M, 1, [&](int64_t begin, int64_t end) {
     Channels<scalar_t, DT> ch(D);
@@ -311,14 +320,15 @@ void backward_kernel(const scalar_t* grad_out, const scalar_t* value, const int6
       const int64_t m = task % M;
       const int64_t q_begin = chunk * queries_per_chunk;
       const int64_t q_end = std::min(Q, q_begin + queries_per_chunk);
-      acc_t* gv_head = grad_value_acc + ((chunk * N + n) * S * M + m) * D;
+      const scalar_t* head = value + n * strides.batch + m * strides.head;
+      acc_t* gv_head = grad_value_acc + (chunk * N + n) * strides.batch + m * strides.head;
       for (int64_t q = q_begin; q < q_end; ++q) {
         const int64_t row = (n * Q + q) * M + m;
         ch.load(grad_out + row * D);
         for (int64_t l = 0; l < L; ++l) {
           const Level lv = read_level(shapes, starts, l, S);
           const int64_t H = lv.H, W = lv.W;
-          const scalar_t* level = value + ((n * S + lv.start) * M + m) * D;
+          const scalar_t* level = head + lv.start * row_stride;
           acc_t* gv_level = gv_head + lv.start * row_stride;
           const PointRange points = level_points(s, l);
           for (int64_t p = points.begin; p < points.end; ++p) {
@@ -402,10 +412,12 @@ void forward_kernel_batched(const scalar_t* value, const int64_t* shapes, const 
 template <typename scalar_t, int DT>
 void backward_kernel_batched(const scalar_t* grad_out, const scalar_t* value, const int64_t* shapes,
                              const int64_t* starts, const float* locations, const float* weights, float* grad_value_acc,
-                             float* grad_locations, float* grad_weights, const Sizes& s, int64_t chunks) {
-  const int64_t N = s.N, S = s.S, M = s.M, K = s.K, Q = s.Q;
+                             float* grad_locations, float* grad_weights, const Sizes& s, const BackwardPlan& plan) {
+  const int64_t N = s.N, M = s.M, K = s.K, Q = s.Q;
   const int64_t D = DT > 0 ? DT : s.D;
-  const int64_t row_stride = M * D;
+  const RowStrides strides(s, plan);
+  const int64_t row_stride = strides.position;
+  const int64_t chunks = plan.chunks;
   const int64_t queries_per_chunk = (Q + chunks - 1) / chunks;
   const PointTable table(s, shapes, starts, row_stride);
   at::parallel_for(0, chunks * N * M, 1, [&](int64_t begin, int64_t end) {
@@ -418,8 +430,8 @@ void backward_kernel_batched(const scalar_t* grad_out, const scalar_t* value, co
       const int64_t m = task % M;
       const int64_t q_begin = chunk * queries_per_chunk;
       const int64_t q_end = std::min(Q, q_begin + queries_per_chunk);
-      const scalar_t* head = value + (n * S * M + m) * D;
-      float* gv_head = grad_value_acc + ((chunk * N + n) * S * M + m) * D;
+      const scalar_t* head = value + n * strides.batch + m * strides.head;
+      float* gv_head = grad_value_acc + (chunk * N + n) * strides.batch + m * strides.head;
       for (int64_t q = q_begin; q < q_end; ++q) {
         const int64_t row = (n * Q + q) * M + m;
         ch.load(grad_out + row * D);
@@ -498,19 +510,19 @@ template <typename scalar_t>
 void backward(const scalar_t* grad_out, const scalar_t* value, const int64_t* shapes, const int64_t* starts,
               const at::opmath_type<scalar_t>* locations, const at::opmath_type<scalar_t>* weights,
               at::opmath_type<scalar_t>* grad_value_acc, at::opmath_type<scalar_t>* grad_locations,
-              at::opmath_type<scalar_t>* grad_weights, const Sizes& s, int64_t chunks) {
+              at::opmath_type<scalar_t>* grad_weights, const Sizes& s, const BackwardPlan& plan) {
   dispatch_head_dim<scalar_t>(s.D, [&](auto dt) {
 #if defined(DDETR_HAVE_SAMPLE_BATCH)
     if constexpr (std::is_same_v<at::opmath_type<scalar_t>, float>) {
       if (use_sample_batch<scalar_t>(s, shapes, starts)) {
         backward_kernel_batched<scalar_t, decltype(dt)::value>(grad_out, value, shapes, starts, locations, weights,
-                                                               grad_value_acc, grad_locations, grad_weights, s, chunks);
+                                                               grad_value_acc, grad_locations, grad_weights, s, plan);
         return;
       }
     }
 #endif
     backward_kernel<scalar_t, decltype(dt)::value>(grad_out, value, shapes, starts, locations, weights, grad_value_acc,
-                                                   grad_locations, grad_weights, s, chunks);
+                                                   grad_locations, grad_weights, s, plan);
   });
 }
 
@@ -519,7 +531,7 @@ void backward(const scalar_t* grad_out, const scalar_t* value, const int64_t* sh
                            const at::opmath_type<T>*, T*, const Sizes&);                                              \
   template void backward<T>(const T*, const T*, const int64_t*, const int64_t*, const at::opmath_type<T>*,            \
                             const at::opmath_type<T>*, at::opmath_type<T>*, at::opmath_type<T>*, at::opmath_type<T>*, \
-                            const Sizes&, int64_t);
+                            const Sizes&, const BackwardPlan&);
 DDETR_MSDA_INSTANTIATE(float)
 DDETR_MSDA_INSTANTIATE(double)
 DDETR_MSDA_INSTANTIATE(c10::BFloat16)
