@@ -173,13 +173,14 @@ def test_opcheck():
     )
 
 
-@pytest.mark.parametrize("backend", COMPILED)
-def test_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize("sampling", ["bilinear", "discrete"])
+@pytest.mark.parametrize("backend", BACKENDS)  # the pytorch reference too: its level sizes are traced symbols
+def test_torch_compile_fullgraph(backend, sampling):
     torch._dynamo.reset()
     value, ss, lsi, loc, attn = make_inputs(2, [(4, 3), (2, 2)], 2, 8, 5, 2, seed=9)
 
     def fn(v, l, a):
-        return (dd.ms_deform_attn(v, ss, lsi, l, a, backend=backend) * 2).sum(-1)
+        return (dd.ms_deform_attn(v, ss, lsi, l, a, backend=backend, sampling=sampling) * 2).sum(-1)
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     v1, l1, a1 = (t.clone().requires_grad_(True) for t in (value, loc, attn))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 SAMPLING_MODES = ("bilinear", "discrete")
 
@@ -70,6 +71,15 @@ def reference_forward(
         return value.new_zeros((N, Q, M * D)) + anchor * 0
     dtype = value.dtype
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    if torch.compiler.is_compiling():
+        # Under torch.compile the sizes are data-dependent symbols: state what the checks outside the graph hold
+        # (non-negative sizes adding up to S) so that the split and the per-level reshapes trace, and treat a
+        # level as non-empty unless its size is known (guard_or_false): an empty level inside a compiled graph
+        # raises grid_sample's "non-empty spatial dimensions" error at run time; eager mode handles it.
+        for h, w in shapes:
+            torch._check(h >= 0)
+            torch._check(w >= 0)
+        torch._check(sum(h * w for h, w in shapes) == S)
     value_list = value.split([h * w for h, w in shapes], dim=1)
     # The contract's non-finite rule on top of grid_sample, which returns NaN for an infinite grid, gives a NaN grid
     # a NaN gradient in that coordinate only, and (in its half-precision kernel) scatters a NaN sample's gradient
@@ -125,7 +135,7 @@ def _bilinear_levels(value_list, shapes, grids, counts):
         h, w = shapes[level]
         # (N, Q, M, P_l, 2) -> (N*M, Q, P_l, 2)
         grid_l = grids[:, :, :, start:end].transpose(1, 2).flatten(0, 1)
-        if h == 0 or w == 0 or end == start:
+        if guard_or_false(h == 0) or guard_or_false(w == 0) or end == start:
             # Nothing to sample, but keep the grid in the graph (x 0): a NaN weight or location of a sample on an
             # empty level still reaches its location gradient as NaN * 0, as in the kernels.
             sampled.append(grids.new_zeros((N * M, D, Q, end - start)) + grid_l.sum(-1).unsqueeze(1) * 0)
@@ -146,7 +156,7 @@ def _discrete_levels(value_list, shapes, locations, counts, nan_samples):
     for level, start, end in _level_slices(counts):
         h, w = shapes[level]
         P = end - start
-        if h == 0 or w == 0 or P == 0:
+        if guard_or_false(h == 0) or guard_or_false(w == 0) or P == 0:
             sampled.append(value0.new_zeros((N * M, D, Q, P)))
             continue
         with torch.no_grad():
