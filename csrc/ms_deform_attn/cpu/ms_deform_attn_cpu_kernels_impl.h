@@ -291,6 +291,22 @@ struct RowStrides {
       : batch(s.S * s.M * s.D), head(plan.head_major ? s.S * s.D : s.D), position(plan.head_major ? s.D : s.M * s.D) {}
 };
 
+// Task t of a backward's parallel loop over (chunk, n, m): its batch and head, its chunk's queries
+// [q_begin, q_end), and the offsets of the head's rows in value and in grad_value_acc.
+struct BackwardTask {
+  int64_t n, m, q_begin, q_end, value_offset, grad_offset;
+  BackwardTask(const Sizes& s, const BackwardPlan& plan, const RowStrides& strides, int64_t t) {
+    const int64_t chunk = t / (s.N * s.M);
+    const int64_t queries_per_chunk = (s.Q + plan.chunks - 1) / plan.chunks;
+    n = (t / s.M) % s.N;
+    m = t % s.M;
+    q_begin = chunk * queries_per_chunk;
+    q_end = std::min(s.Q, q_begin + queries_per_chunk);
+    value_offset = n * strides.batch + m * strides.head;
+    grad_offset = (chunk * s.N + n) * strides.batch + m * strides.head;
+  }
+};
+
 // grad_value_acc has shape (chunks, N, S, M, D) or head-major (chunks, N, M, S, D): task (chunk, n, m) owns the
 // rows of head m of [chunk, n], so no two threads ever write the same element and the result does not depend on
 // scheduling. (Walking rows in memory order like the forward, with one private buffer per thread, measured no
@@ -310,20 +326,14 @@ void backward_kernel(const scalar_t* grad_out, const scalar_t* value, const int6
   const int64_t D = DT > 0 ? DT : s.D;
   const RowStrides strides(s, plan);
   const int64_t row_stride = strides.position;
-  const int64_t chunks = plan.chunks;
-  const int64_t queries_per_chunk = (Q + chunks - 1) / chunks;
-  at::parallel_for(0, chunks * N * M, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, plan.chunks * N * M, 1, [&](int64_t begin, int64_t end) {
     Channels<scalar_t, DT> ch(D);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t chunk = task / (N * M);
-      const int64_t n = (task / M) % N;
-      const int64_t m = task % M;
-      const int64_t q_begin = chunk * queries_per_chunk;
-      const int64_t q_end = std::min(Q, q_begin + queries_per_chunk);
-      const scalar_t* head = value + n * strides.batch + m * strides.head;
-      acc_t* gv_head = grad_value_acc + (chunk * N + n) * strides.batch + m * strides.head;
-      for (int64_t q = q_begin; q < q_end; ++q) {
-        const int64_t row = (n * Q + q) * M + m;
+    for (int64_t t = begin; t < end; ++t) {
+      const BackwardTask task(s, plan, strides, t);
+      const scalar_t* head = value + task.value_offset;
+      acc_t* gv_head = grad_value_acc + task.grad_offset;
+      for (int64_t q = task.q_begin; q < task.q_end; ++q) {
+        const int64_t row = (task.n * Q + q) * M + task.m;
         ch.load(grad_out + row * D);
         for (int64_t l = 0; l < L; ++l) {
           const Level lv = read_level(shapes, starts, l, S);
@@ -417,23 +427,17 @@ void backward_kernel_batched(const scalar_t* grad_out, const scalar_t* value, co
   const int64_t D = DT > 0 ? DT : s.D;
   const RowStrides strides(s, plan);
   const int64_t row_stride = strides.position;
-  const int64_t chunks = plan.chunks;
-  const int64_t queries_per_chunk = (Q + chunks - 1) / chunks;
   const PointTable table(s, shapes, starts, row_stride);
-  at::parallel_for(0, chunks * N * M, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, plan.chunks * N * M, 1, [&](int64_t begin, int64_t end) {
     Channels<scalar_t, DT> ch(D);
     SampleBatch b;
     alignas(32) float dots[4][kBatch];
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t chunk = task / (N * M);
-      const int64_t n = (task / M) % N;
-      const int64_t m = task % M;
-      const int64_t q_begin = chunk * queries_per_chunk;
-      const int64_t q_end = std::min(Q, q_begin + queries_per_chunk);
-      const scalar_t* head = value + n * strides.batch + m * strides.head;
-      float* gv_head = grad_value_acc + (chunk * N + n) * strides.batch + m * strides.head;
-      for (int64_t q = q_begin; q < q_end; ++q) {
-        const int64_t row = (n * Q + q) * M + m;
+    for (int64_t t = begin; t < end; ++t) {
+      const BackwardTask task(s, plan, strides, t);
+      const scalar_t* head = value + task.value_offset;
+      float* gv_head = grad_value_acc + task.grad_offset;
+      for (int64_t q = task.q_begin; q < task.q_end; ++q) {
+        const int64_t row = (task.n * Q + q) * M + task.m;
         ch.load(grad_out + row * D);
         for (int64_t p0 = 0; p0 < K; p0 += kBatch) {
           const int count = static_cast<int>(std::min<int64_t>(kBatch, K - p0));
