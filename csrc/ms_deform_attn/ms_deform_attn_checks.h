@@ -134,6 +134,18 @@ inline Sizes check_inputs(const at::Tensor& value, const at::Tensor& spatial_sha
   return s;
 }
 
+// The totals a table's values add up to, against the call's sizes: S = value.shape[1] for the level pair, K =
+// sampling_locations.shape[3] for point_start. Part of the value checks below, and all that is left to check for a
+// table whose values were checked before (cpu/ms_deform_attn_cpu.cpp).
+inline void check_level_total(int64_t total, int64_t S) {
+  TORCH_CHECK_VALUE(total == S, "ms_deform_attn: sum of H*W over spatial_shapes (", total,
+                    ") must equal value.shape[1] (S = ", S, ")");
+}
+inline void check_point_total(int64_t total, int64_t K) {
+  TORCH_CHECK_VALUE(total == K, "ms_deform_attn: point_start[L] must equal K = sampling_locations.shape[3] (", K,
+                    "), got ", total);
+}
+
 // A host point_start table's values: 0, non-decreasing, ending at K (the kernels clamp a device table instead).
 inline void check_points_host(const at::Tensor& point_start_cpu, int64_t K) {
   const auto ps = point_start_cpu.contiguous();
@@ -146,8 +158,7 @@ inline void check_points_host(const at::Tensor& point_start_cpu, int64_t K) {
                       "got point_start[",
                       l, "] = ", p[l], " > point_start[", l + 1, "] = ", p[l + 1]);
   }
-  TORCH_CHECK_VALUE(p[L] == K, "ms_deform_attn: point_start[L] must equal K = sampling_locations.shape[3] (", K,
-                    "), got ", p[L]);
+  check_point_total(p[L], K);
 }
 
 // Value-dependent checks (need the shapes on the host): every level non-empty-or-zero, starts consistent,
@@ -163,8 +174,7 @@ inline void check_levels_host(const at::Tensor& spatial_shapes_cpu, const at::Te
                       "] must be non-negative, got (", sh[2 * l], ", ", sh[2 * l + 1], ")");
     total += sh[2 * l] * sh[2 * l + 1];
   }
-  TORCH_CHECK_VALUE(total == S, "ms_deform_attn: sum of H*W over spatial_shapes (", total,
-                    ") must equal value.shape[1] (S = ", S, ")");
+  check_level_total(total, S);
   int64_t start = 0;
   for (int64_t l = 0; l < shapes.size(0); ++l) {
     TORCH_CHECK_VALUE(st[l] == start, "ms_deform_attn: level_start_index[", l, "] must be ", start,

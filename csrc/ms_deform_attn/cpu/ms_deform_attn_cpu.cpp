@@ -96,6 +96,21 @@ CheckedTables& checked_points() {
   return tables;
 }
 
+// A table's values: read and checked (`read_and_check`) when `tables` does not know the pair, else only its
+// recorded total against the call's (`check_total`).
+template <typename ReadAndCheck, typename CheckTotal>
+void check_once(CheckedTables& tables, const at::Tensor& a, const at::Tensor& b, int64_t total,
+                ReadAndCheck read_and_check, CheckTotal check_total) {
+  const int64_t known = tables.find(a, b);
+  if (known >= 0) {
+    check_total(known, total);
+    return;
+  }
+  g_table_reads.fetch_add(1, std::memory_order_relaxed);
+  read_and_check();
+  tables.insert(a, b, total);
+}
+
 // The checks of one call: shapes, dtypes and devices (attribute reads), then the tables' values, read only for a
 // table not checked before (or edited since). Returns the kernels' sizes.
 Sizes checked_sizes(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
@@ -103,25 +118,13 @@ Sizes checked_sizes(const at::Tensor& value, const at::Tensor& spatial_shapes, c
                     const std::optional<at::Tensor>& point_start, bool discrete) {
   const Sizes s = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
                                point_start, discrete);
-  const int64_t total = checked_levels().find(spatial_shapes, level_start_index);
-  if (total < 0) {
-    g_table_reads.fetch_add(1, std::memory_order_relaxed);
-    check_levels_host(spatial_shapes, level_start_index, s.S);
-    checked_levels().insert(spatial_shapes, level_start_index, s.S);
-  } else {
-    TORCH_CHECK_VALUE(total == s.S, "ms_deform_attn: sum of H*W over spatial_shapes (", total,
-                      ") must equal value.shape[1] (S = ", s.S, ")");
-  }
+  check_once(
+      checked_levels(), spatial_shapes, level_start_index, s.S,
+      [&] { check_levels_host(spatial_shapes, level_start_index, s.S); }, check_level_total);
   if (point_start) {
-    const int64_t K = checked_points().find(*point_start, *point_start);
-    if (K < 0) {
-      g_table_reads.fetch_add(1, std::memory_order_relaxed);
-      check_points_host(*point_start, s.K);
-      checked_points().insert(*point_start, *point_start, s.K);
-    } else {
-      TORCH_CHECK_VALUE(K == s.K, "ms_deform_attn: point_start[L] must equal K = sampling_locations.shape[3] (", s.K,
-                        "), got ", K);
-    }
+    check_once(
+        checked_points(), *point_start, *point_start, s.K, [&] { check_points_host(*point_start, s.K); },
+        check_point_total);
   }
   return s;
 }
