@@ -5,16 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from support.overfit import SMALL, THRESHOLD, VARIANTS, judged_ratio, overfit_history, total_loss
 
 import deformable_detr.models as M
 from deformable_detr.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from deformable_detr.models.criterion import SetCriterion
-
-SMALL = dict(
-    backbone="resnet18", hidden_dim=64, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=64, num_queries=12,
-    num_classes=7, dropout=0.0,
-)  # fmt: skip
-
 
 # Tiny ops: handing them to other threads costs more than it saves.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -126,35 +121,14 @@ def test_build_criterion_uses_the_originals_defaults():
     assert detr.matcher.cost_class == 1.0 and "loss_ce_enc" not in detr.weight_dict
 
 
-def _total(criterion, losses):
-    return sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict)
-
-
-@pytest.mark.parametrize("variant", ["detr", "deformable_two_stage"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_loss_decreases_on_tiny_overfit_batch(variant):
-    torch.manual_seed(0)
-    if variant == "detr":
-        config = M.DETRConfig(**SMALL)
-    else:
-        config = M.DeformableDETRConfig(**SMALL, with_box_refine=True, two_stage=True)
-    model, criterion = M.build(config), M.build_criterion(config)
-    images = torch.rand(1, 3, 96, 96)
-    targets = [
-        {
-            "labels": torch.tensor([1, 3, 5]),
-            "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4], [0.5, 0.5, 0.8, 0.8]]),
-        }
-    ]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    history = []
-    for _ in range(30):
-        loss = _total(criterion, criterion(model(images), targets))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        history.append(loss.item())
+    """The loss falls on a batch the model can memorise. Judged STEPS steps in, well past the step where the seeded
+    trajectory falls, which moves with the CPU's vector width: the margin, measured over every capability and three
+    seeds by tests/support/overfit.py, is in benchmarks/results/overfit-margin-*.md."""
+    history = overfit_history(variant)
     assert all(torch.isfinite(torch.tensor(history)))
-    assert min(history[-5:]) < 0.7 * history[0], history
+    assert judged_ratio(history) < THRESHOLD, history
 
 
 def test_600_queries_with_574_targets():
@@ -172,7 +146,7 @@ def test_600_queries_with_574_targets():
     assert len(pred_idx) == 574 and sorted(tgt_idx.tolist()) == list(range(574))
     assert len(set(pred_idx.tolist())) == 574
     losses = criterion(outputs, targets)
-    loss = _total(criterion, losses)
+    loss = total_loss(criterion, losses)
     assert torch.isfinite(loss)
     loss.backward()
     assert model.query_embed.weight.grad.abs().sum() > 0

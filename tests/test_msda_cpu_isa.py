@@ -1,22 +1,21 @@
 """The CPU kernel copies (default / AVX2 / AVX-512), chosen at load time like ATen's CPU capability and lowered by
-``DEFORMABLE_DETR_CPU_CAPABILITY``: each copy this CPU can run is checked against the float64 oracle in a fresh
+``DEFORMABLE_DETR_CPU_CAPABILITY`` (else by ATen's ``ATEN_CPU_CAPABILITY``): each copy this CPU can run is checked against the float64 oracle in a fresh
 process (the choice is made once per process); a request above the CPU falls back to the best copy it runs."""
 
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 
 import pytest
 import torch
+from support.cpu_isa import ORDER, supported_capabilities
 
 from deformable_detr._extension import extension_loaded
 
 pytestmark = pytest.mark.skipif(not extension_loaded(), reason="compiled extension not built")
 
-ORDER = ("default", "avx2", "avx512")
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 _ORACLE_SCRIPT = """
@@ -39,27 +38,9 @@ print("capability=" + torch.ops.deformable_detr._cpu_capability())
 """
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def supported_capability() -> str:
     """The best copy this CPU runs (x86-64 builds compile all three)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return "default"
-    flags = _cpu_flags()
-    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags:
-        return "avx512"
-    if {"avx2", "fma"} <= flags:
-        return "avx2"
-    return "default"
+    return supported_capabilities()[-1]
 
 
 def _lower(a: str, b: str) -> str:
@@ -78,7 +59,8 @@ def _run(capability: str | None, script: str = _ORACLE_SCRIPT) -> subprocess.Com
 
 
 def test_in_process_capability_is_the_best_the_cpu_runs_or_the_requested_one():
-    requested = os.environ.get("DEFORMABLE_DETR_CPU_CAPABILITY") or "avx512"
+    aten = os.environ.get("ATEN_CPU_CAPABILITY")
+    requested = os.environ.get("DEFORMABLE_DETR_CPU_CAPABILITY") or (aten if aten in ORDER else "avx512")
     if os.environ.get("DEFORMABLE_DETR_DISABLE_AVX2") == "1":
         requested = "default"
     assert torch.ops.deformable_detr._cpu_capability() == _lower(requested, supported_capability())
@@ -106,6 +88,31 @@ def test_older_switch_still_forces_the_default_copy():
     script = "import torch, deformable_detr\nprint(torch.ops.deformable_detr._cpu_capability())"
     result = subprocess.run([sys.executable, "-c", script], env=env, cwd=TESTS_DIR, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "default", result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("capability", ORDER)
+def test_aten_cpu_capability_lowers_the_copy_too(capability):
+    """``ATEN_CPU_CAPABILITY`` alone picks the copy (one variable forces ATen and these kernels together); ours wins
+    when both are set, and ATen's values we have no copy for leave the best copy."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DEFORMABLE_DETR_CPU_CAPABILITY", "DEFORMABLE_DETR_DISABLE_AVX2")
+    }
+    script = "import torch, deformable_detr\nprint(torch.ops.deformable_detr._cpu_capability())"
+
+    def chosen(**extra):
+        result = subprocess.run(
+            [sys.executable, "-c", script], env={**env, **extra}, cwd=TESTS_DIR, capture_output=True, text=True
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout.strip()
+
+    best = supported_capability()
+    assert chosen(ATEN_CPU_CAPABILITY=capability) == _lower(capability, best)
+    assert chosen(ATEN_CPU_CAPABILITY=capability, DEFORMABLE_DETR_CPU_CAPABILITY="default") == "default"
+    if capability == "default":
+        assert chosen(ATEN_CPU_CAPABILITY="zvector") == best
 
 
 def test_unknown_capability_name_is_a_clear_error():

@@ -1,7 +1,9 @@
 // Which copy of the CPU kernels runs (ms_deform_attn_cpu_kernels_impl.h compiled per instruction set): chosen
 // once, at the first call, like ATen's CPU capability dispatch. The best copy that was compiled and that this CPU
 // runs, lowered (never raised) by DEFORMABLE_DETR_CPU_CAPABILITY=default|avx2|avx512 — the way tests force each
-// copy on one machine. DEFORMABLE_DETR_DISABLE_AVX2=1 (older name) means "default".
+// copy on one machine. Without it, ATen's own ATEN_CPU_CAPABILITY lowers it the same way (its other values, e.g.
+// zvector, leave the choice alone), so one variable forces a vector width on ATen and on these kernels together.
+// DEFORMABLE_DETR_DISABLE_AVX2=1 (older name) means "default".
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -33,7 +35,14 @@ CpuCapability requested_capability() {
   const char* legacy = std::getenv("DEFORMABLE_DETR_DISABLE_AVX2");
   if (legacy != nullptr && std::strcmp(legacy, "1") == 0) return CpuCapability::kDefault;
   const char* name = std::getenv("DEFORMABLE_DETR_CPU_CAPABILITY");
-  if (name == nullptr || *name == '\0') return CpuCapability::kAvx512;
+  if (name == nullptr || *name == '\0') {
+    const char* aten = std::getenv("ATEN_CPU_CAPABILITY");
+    if (aten == nullptr) return CpuCapability::kAvx512;
+    const std::string follow(aten);
+    if (follow == "default") return CpuCapability::kDefault;
+    if (follow == "avx2") return CpuCapability::kAvx2;
+    return CpuCapability::kAvx512;
+  }
   const std::string request(name);
   if (request == "avx512") return CpuCapability::kAvx512;
   if (request == "avx2") return CpuCapability::kAvx2;
