@@ -3,7 +3,7 @@ method applied to the original one-thread-per-channel design as a sanity check a
 
 time >= max(compulsory DRAM bytes / HBM bandwidth,
             L1->L2 sectors x 32 B / L2 bandwidth,
-            atomic sectors / L2 atomic rate,
+            atomic sector operations / L2 atomic sector rate (a half-sector atomic costs a whole one),
             issued warp instructions / (SMs x 4 schedulers x clock),
             warp-samples x dependent latency per sample / (SMs x resident warps))
 
@@ -48,6 +48,15 @@ GPUS = {
     "RTX 2060": Gpu("RTX 2060", "sm_75", 30, 1.68, 336, 3 << 20, 768 * 1.68, 32, 32, 190, 420, "spec sheet"),
 }
 SCHEDULERS_PER_SM = 4  # one warp instruction per clock each (Ampere / Hopper / Turing SM: 4 processing blocks)
+# L2 atomic throughput, in (request, 32-byte sector) operations per clock for the whole chip. Not published; until
+# 2026-12-07 the model charged atomic sectors at the L2 read bandwidth (160 sectors/clk), which under-predicted the
+# encoder backward 1.92x (fp32) and 5.44x (bf16). Fitted to the two H200 encoder backward times of
+# results/nvidia-h200-2026-12-04.md (fwd+bwd - fwd): fp32 57.1 M sector operations in 1.247 ms -> 23.1 /clk,
+# bf16 95.8 M in 1.958 ms -> 24.7 /clk; one constant fits both within 7 %, i.e. the backward is bound by the
+# number of sector operations, and a 16-byte atomic covering half a sector (bf16 VEC = 8: two float4 REDs into the
+# same fp32 sector) costs as much as a full one. One fit, two points: a candidate's prediction from it is a
+# ranking, not a promise; the A100 rows reuse the per-clock constant unmeasured.
+ATOMIC_SECTORS_PER_CLOCK = 24.0
 
 
 @dataclass(frozen=True)
@@ -132,7 +141,7 @@ def predict(gpu: Gpu, kernel: str, shape: Shape, dtype: str, static: dict, count
     terms = {
         "dram_ms": compulsory_bytes(kernel, shape, dtype) / (gpu.hbm_gbps * 1e6),
         "l2_ms": sectors * 32 / (gpu.l2_gbps * 1e6),
-        "atomic_ms": atomic_sectors * 32 / (gpu.l2_gbps * 1e6),
+        "atomic_ms": atomic_sectors / (ATOMIC_SECTORS_PER_CLOCK * gpu.clock_ghz * 1e6),
         "issue_ms": (warp_samples * static["loop_instructions"] + shuffles / 32)
         / (gpu.sms * SCHEDULERS_PER_SM * gpu.clock_ghz * 1e6),
         "latency_ms": warp_samples * chain / (gpu.sms * resident * gpu.clock_ghz * 1e6),

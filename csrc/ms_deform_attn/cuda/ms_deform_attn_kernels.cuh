@@ -148,10 +148,26 @@ __global__ void __launch_bounds__(kThreads)
     const scalar_t* go = grad_out + row * D;
     const scalar_t* value_nm = value + n * S * row_stride + m * D;
     acc_t* grad_value_nm = grad_value + n * S * row_stride + m * D;
+    // Channel layout. Default: lane owns VEC consecutive channels of each tile. Half types at VEC = 8 with atomics
+    // ("split"): lane owns two runs of VEC / 2 channels, G * VEC / 2 apart, so each float4 RED of a group covers
+    // whole 32-byte sectors of the fp32 buffer (contiguous 8 channels per lane would put the two REDs of a lane into
+    // halves of one sector: 2x the L2 atomic sector operations, benchmarks/NOTES.md "Roofline"). Loads become two
+    // 8-byte loads per corner, same sectors. Only the atomic path: the deterministic path keeps its summation order.
+    constexpr bool kSplit = kAtomics && VEC == 8 && sizeof(scalar_t) == 2;
+    constexpr int kParts = kSplit ? 2 : 1;
+    constexpr int kPart = VEC / kParts;
+    auto channel = [&](int64_t tile, int part) -> int64_t {
+      return tile * group_size * VEC + part * group_size * kPart + lane * kPart;
+    };
     // The first tile's upstream gradient stays in registers: for every D <= 32 * VEC it is the only tile.
-    acc_t g_first[VEC] = {};
-    const bool lane_ok = item_ok && lane * VEC < D;
-    if (lane_ok) load_vec<acc_t, scalar_t, VEC>(go + lane * VEC, g_first);
+    acc_t g_first[kParts][kPart] = {};
+    const bool lane_ok = item_ok && channel(0, 0) < D;
+    if (lane_ok) {
+#pragma unroll
+      for (int p = 0; p < kParts; ++p) {
+        if (channel(0, p) < D) load_vec<acc_t, scalar_t, kPart>(go + channel(0, p), g_first[p]);
+      }
+    }
     for (int64_t l = 0; l < L; ++l) {
       // Empty levels are not skipped (the non-finite rule applies off the map); the level is the same for every
       // lane, so the warp stays converged for group_sum either way.
@@ -171,36 +187,54 @@ __global__ void __launch_bounds__(kThreads)
         acc_t dots[4] = {0, 0, 0, 0};
         if (lane_ok && c.any) {
           for (int64_t tile = 0; tile < tiles; ++tile) {
-            const int64_t d0 = (tile * group_size + lane) * VEC;
-            if (d0 >= D) break;
-            acc_t g[VEC];
-            if (tile == 0) {
+            if (channel(tile, 0) >= D) break;
+            bool part_ok[kParts];
 #pragma unroll
-              for (int j = 0; j < VEC; ++j) g[j] = g_first[j];
-            } else {
-              load_vec<acc_t, scalar_t, VEC>(go + d0, g);
-            }
-            acc_t v[4][VEC];
+            for (int p = 0; p < kParts; ++p) part_ok[p] = channel(tile, p) < D;
+            acc_t g[kParts][kPart];
 #pragma unroll
-            for (int k = 0; k < 4; ++k) {
-              if (c.valid[k]) {
-                load_vec<acc_t, scalar_t, VEC>(level + c.offset[k] * row_stride + d0, v[k]);
+            for (int p = 0; p < kParts; ++p) {
+              if (tile == 0) {
+#pragma unroll
+                for (int j = 0; j < kPart; ++j) g[p][j] = g_first[p][j];
+              } else if (part_ok[p]) {
+                load_vec<acc_t, scalar_t, kPart>(go + channel(tile, p), g[p]);
               } else {
 #pragma unroll
-                for (int j = 0; j < VEC; ++j) v[k][j] = 0;
+                for (int j = 0; j < kPart; ++j) g[p][j] = 0;
+              }
+            }
+            acc_t v[4][kParts][kPart];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+#pragma unroll
+              for (int p = 0; p < kParts; ++p) {
+                if (c.valid[k] && part_ok[p]) {
+                  load_vec<acc_t, scalar_t, kPart>(level + c.offset[k] * row_stride + channel(tile, p), v[k][p]);
+                } else {
+#pragma unroll
+                  for (int j = 0; j < kPart; ++j) v[k][p][j] = 0;
+                }
               }
             }
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
               if (!c.valid[k]) continue;
               const acc_t coeff = a * c.weight[k];
-              acc_t contribution[VEC];
 #pragma unroll
-              for (int j = 0; j < VEC; ++j) {
-                dots[k] += g[j] * v[k][j];
-                contribution[j] = coeff * g[j];
+              for (int p = 0; p < kParts; ++p) {
+                acc_t contribution[kPart];
+#pragma unroll
+                for (int j = 0; j < kPart; ++j) {
+                  dots[k] += g[p][j] * v[k][p][j];
+                  contribution[j] = coeff * g[p][j];
+                }
+                if constexpr (kAtomics) {
+                  if (part_ok[p]) {
+                    atomic_add_vec<kPart>(grad_level + c.offset[k] * row_stride + channel(tile, p), contribution);
+                  }
+                }
               }
-              if constexpr (kAtomics) atomic_add_vec<VEC>(grad_level + c.offset[k] * row_stride + d0, contribution);
             }
           }
         }
