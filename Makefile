@@ -35,15 +35,17 @@ build: $(STAMP)
 
 test: setup test-py test-isa test-cmake
 
+# Inductor's on-disk cache is the project's own, one per CPU capability: torch 2.14's FX graph cache does not key
+# on ATEN_CPU_CAPABILITY, and an entry written under another capability compiled wrong (AVX-512 code in a default
+# build fails to compile; default-capability entries reused at AVX-512 gave wrong numbers in test_msda_nan).
 test-py:
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	TORCHINDUCTOR_CACHE_DIR=$(abspath build)/inductor-cache-$${ATEN_CPU_CAPABILITY:-best} $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The tests whose numbers depend on float rounding (models, criterion, matcher, the CPU kernels, inductor-compiled
 # code) once more under each CPU capability below the best this machine runs (test-py ran them at the best):
 # ATEN_CPU_CAPABILITY lowers ATen's kernels and this project's CPU kernel copy together. The emulated CUDA cases
-# are left out: their device code does not follow ATen's capability. Each capability gets its own inductor cache:
-# torch 2.14's FX graph cache does not key on ATEN_CPU_CAPABILITY, and reuses AVX-512 code (at::vec) in a default
-# build, which then fails to compile.
+# are left out: their device code does not follow ATen's capability. Each capability gets its own inductor cache
+# (see test-py).
 ISA_TESTS := tests/test_models.py tests/test_models_criterion.py tests/test_models_fast_paths.py \
   tests/test_models_inference.py tests/test_modules.py tests/test_matcher.py tests/test_assignment.py tests/test_msda.py \
   tests/test_msda_nan.py tests/test_msda_points.py tests/test_msda_cpu_backward_order.py tests/test_msda_wrapper.py \
@@ -51,7 +53,7 @@ ISA_TESTS := tests/test_models.py tests/test_models_criterion.py tests/test_mode
 test-isa: $(STAMP)
 	@for cap in $$($(PY) tests/support/cpu_isa.py --below-best); do \
 	  echo "== ATEN_CPU_CAPABILITY=$$cap: $(words $(ISA_TESTS)) rounding-sensitive test files"; \
-	  ATEN_CPU_CAPABILITY=$$cap TORCHINDUCTOR_CACHE_DIR=$(abspath build/inductor-cache-$$cap) $(PY) -m pytest -q -p no:cacheprovider -k "not emulated" $(ISA_TESTS) || exit 1; \
+	  ATEN_CPU_CAPABILITY=$$cap TORCHINDUCTOR_CACHE_DIR=$(abspath build)/inductor-cache-$$cap $(PY) -m pytest -q -p no:cacheprovider -k "not emulated" $(ISA_TESTS) || exit 1; \
 	done
 
 test-cmake: $(STAMP)
