@@ -1,6 +1,7 @@
 """The CPU kernel copies (default / AVX2 / AVX-512), chosen at load time like ATen's CPU capability and lowered by
-``DEFORMABLE_DETR_CPU_CAPABILITY`` (else by ATen's ``ATEN_CPU_CAPABILITY``): each copy this CPU can run is checked against the float64 oracle in a fresh
-process (the choice is made once per process); a request above the CPU falls back to the best copy it runs."""
+``DEFORMABLE_DETR_CPU_CAPABILITY`` (else by ATen's ``ATEN_CPU_CAPABILITY``): each copy this CPU can run is checked
+against the float64 oracle in a fresh process (the choice is made once per process); a request above the CPU falls
+back to the best copy it runs."""
 
 from __future__ import annotations
 
@@ -47,12 +48,12 @@ def _lower(a: str, b: str) -> str:
     return a if ORDER.index(a) < ORDER.index(b) else b
 
 
-def _run(capability: str | None, script: str = _ORACLE_SCRIPT) -> subprocess.CompletedProcess:
+def _run(capability: str | None, script: str = _ORACLE_SCRIPT, **extra_env: str) -> subprocess.CompletedProcess:
     env = {
         k: v
         for k, v in os.environ.items()
         if k not in ("DEFORMABLE_DETR_CPU_CAPABILITY", "DEFORMABLE_DETR_DISABLE_AVX2")
-    }
+    } | extra_env
     if capability is not None:
         env["DEFORMABLE_DETR_CPU_CAPABILITY"] = capability
     return subprocess.run([sys.executable, "-c", script], env=env, cwd=TESTS_DIR, capture_output=True, text=True)
@@ -94,23 +95,16 @@ def test_older_switch_still_forces_the_default_copy():
 def test_aten_cpu_capability_lowers_the_copy_too(capability):
     """``ATEN_CPU_CAPABILITY`` alone picks the copy (one variable forces ATen and these kernels together); ours wins
     when both are set, and ATen's values we have no copy for leave the best copy."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("DEFORMABLE_DETR_CPU_CAPABILITY", "DEFORMABLE_DETR_DISABLE_AVX2")
-    }
     script = "import torch, deformable_detr\nprint(torch.ops.deformable_detr._cpu_capability())"
 
-    def chosen(**extra):
-        result = subprocess.run(
-            [sys.executable, "-c", script], env={**env, **extra}, cwd=TESTS_DIR, capture_output=True, text=True
-        )
+    def chosen(ours=None, **extra):
+        result = _run(ours, script, **extra)
         assert result.returncode == 0, result.stderr[-3000:]
         return result.stdout.strip()
 
     best = supported_capability()
     assert chosen(ATEN_CPU_CAPABILITY=capability) == _lower(capability, best)
-    assert chosen(ATEN_CPU_CAPABILITY=capability, DEFORMABLE_DETR_CPU_CAPABILITY="default") == "default"
+    assert chosen("default", ATEN_CPU_CAPABILITY=capability) == "default"
     if capability == "default":
         assert chosen(ATEN_CPU_CAPABILITY="zvector") == best
 
