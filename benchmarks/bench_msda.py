@@ -226,17 +226,20 @@ def _max_error(forward: Callable, oracle: torch.Tensor) -> float | None:
         return None
 
 
-def _max_grad_error(check: Callable, oracle: dict[str, torch.Tensor]) -> float | None:
-    """Largest gradient error relative to the largest oracle gradient, over the inputs the backend reports
-    gradients for. Relative, because location gradients scale with the map size (hundreds) while weight and
-    value gradients are of order one: one absolute number would only ever speak of the locations."""
+def norm_error(grad: torch.Tensor, oracle: torch.Tensor) -> float:
+    """‖grad − oracle‖₂ / ‖oracle‖₂, in float64. Norm-wise rather than largest element ÷ largest element: at the
+    full-size encoder a few float32 samples lie within rounding of a bilinear cell edge, where the location gradient
+    jumps by a cell's worth, so the element-wise maximum read 0.15 for every backend, the reference included."""
+    diff = torch.linalg.vector_norm(grad.double() - oracle)
+    return float(diff / torch.linalg.vector_norm(oracle).clamp_min(1e-300))
+
+
+def _grad_norm_error(check: Callable, oracle: dict[str, torch.Tensor]) -> float | None:
+    """The worst ``norm_error`` over the gradients the backend reports (value, locations, weights; dcnv4: value and
+    locations). Per gradient, since location gradients scale with the map size and the others are of order one."""
     try:
         grads = check()
-        return max(
-            float((g.double() - oracle[k]).abs().max() / oracle[k].abs().max().clamp_min(1e-30))
-            for k, g in grads.items()
-            if g is not None
-        )
+        return max(norm_error(g, oracle[k]) for k, g in grads.items() if g is not None)
     except Exception:
         return None
 
@@ -294,7 +297,7 @@ def run_case(
             if pass_name == "fwd":
                 row["max_err"] = _max_error(checks[b], oracle)
             else:
-                row["grad_rel_err"] = _max_grad_error(checks[b], oracle_grads)
+                row["grad_norm_err"] = _grad_norm_error(checks[b], oracle_grads)
         if peers and device.type == "cuda" and dcnv4_apply is None:
             rows.append(dict(base, backend="dcnv4", status=dcnv4_state, **{"pass": pass_name}))
     timing.add_speedups(rows, BASELINE)
