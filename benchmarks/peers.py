@@ -134,11 +134,17 @@ def _load_original(cuda: bool, peers: Path):
     flags = ["-DWITH_CUDA"] if cuda else []
     try:
         module = load(name, sources, extra_cflags=["-O3", *flags], extra_cuda_cflags=["-O3", *flags],
-                      build_directory=str(build), verbose=False)  # fmt: skip
+                      extra_include_paths=[str(src)], build_directory=str(build), verbose=False)  # fmt: skip
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        return None, f"build failed ({first}); log: rerun with python -m benchmarks.peers build"
+        return None, f"build failed ({_first_error(str(exc))}); rerun `python -m benchmarks.peers build` for the log"
     return module, "ok"
+
+
+def _first_error(text: str) -> str:
+    """The compiler's first error line from a build exception (its first line is only the command)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower() and not line.startswith("[")]
+    return (errors or lines or ["no output"])[0][:200]
 
 
 _CACHE: dict[tuple[bool, str], tuple[object | None, str]] = {}
@@ -153,8 +159,36 @@ def original_module(cuda: bool, peers: Path | None = None):
     return _CACHE[key]
 
 
+def im2col_step(batch: int) -> int:
+    """The original requires ``batch % im2col_step == 0`` (and im2col_step ≤ 64, its default)."""
+    return max(d for d in range(1, min(batch, 64) + 1) if batch % d == 0)
+
+
+def original_function(module) -> Callable:
+    """apply(value, spatial_shapes, level_start_index, locations, weights) -> [N, Q, M*D], differentiable in value,
+    locations and weights through the original's own backward."""
+    import torch
+
+    class OriginalMSDA(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, value, spatial_shapes, level_start_index, locations, weights):
+            ctx.step = im2col_step(value.shape[0])
+            ctx.save_for_backward(value, spatial_shapes, level_start_index, locations, weights)
+            return module.ms_deform_attn_forward(value, spatial_shapes, level_start_index, locations, weights, ctx.step)
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            value, shapes, start, locations, weights = ctx.saved_tensors
+            grad_value, grad_locations, grad_weights = module.ms_deform_attn_backward(
+                value, shapes, start, locations, weights, grad_output.contiguous(), ctx.step
+            )
+            return grad_value, None, None, grad_locations, grad_weights
+
+    return OriginalMSDA.apply
+
+
 def original_status(device: str, peers: Path | None = None) -> tuple[Callable | None, str]:
-    """(forward(value, shapes, level_start, locations, weights, im2col_step) or None, reason) on ``device``.
+    """(``original_function`` apply or None, reason) on ``device``.
 
     On CPU the module builds but its entry raises: the reason is its own message, found by calling it."""
     import torch
@@ -170,7 +204,7 @@ def original_status(device: str, peers: Path | None = None) -> tuple[Callable | 
             module.ms_deform_attn_forward(*_probe_inputs(torch), 64)
         except RuntimeError as exc:
             return None, f"original CPU path raises: {str(exc).strip().splitlines()[0][:120]}"
-    return module.ms_deform_attn_forward, "ok"
+    return original_function(module), "ok"
 
 
 def _probe_inputs(torch):

@@ -200,7 +200,7 @@ def test_deterministic_variant_sets_and_restores_the_flag():
     call()
     assert seen == [True] and torch.are_deterministic_algorithms_enabled() == before
     inputs = bench_msda.make_inputs(TINY, torch.float32, "cpu")
-    _, check = bench_msda._callables("pytorch-deterministic", inputs, TINY, "fwd+bwd", None)
+    _, check = bench_msda._callables("pytorch-deterministic", inputs, TINY, "fwd+bwd", {})
     assert set(check()) == {"value", "sampling_locations", "attention_weights"}
 
 

@@ -87,3 +87,42 @@ def test_original_cpu_path_builds_and_raises_its_own_message():
     forward, reason = peers.original_status("cpu")
     assert forward is None
     assert reason == "original CPU path raises: Not implemented on the CPU"
+
+
+def test_im2col_step_divides_the_batch():
+    assert [peers.im2col_step(n) for n in (1, 2, 6, 64, 96, 97, 128)] == [1, 2, 6, 64, 48, 1, 64]
+
+
+def test_original_function_routes_the_original_backward_to_the_right_inputs():
+    calls = {}
+
+    class FakeModule:  # stands in for the compiled op: shapes and plumbing only
+        @staticmethod
+        def ms_deform_attn_forward(value, shapes, start, locations, weights, step):
+            calls["forward_step"] = step
+            return value.new_zeros(value.shape[0], locations.shape[1], value.shape[2] * value.shape[3])
+
+        @staticmethod
+        def ms_deform_attn_backward(value, shapes, start, locations, weights, grad_output, step):
+            assert grad_output.is_contiguous()
+            return [torch.full_like(value, 1.0), torch.full_like(locations, 2.0), torch.full_like(weights, 3.0)]
+
+    value = torch.zeros(6, 4, 2, 3, requires_grad=True)
+    locations = torch.zeros(6, 5, 2, 1, 2, 2, requires_grad=True)
+    weights = torch.zeros(6, 5, 2, 1, 2, requires_grad=True)
+    shapes, start = torch.tensor([[2, 2]]), torch.tensor([0])
+    out = peers.original_function(FakeModule)(value, shapes, start, locations, weights)
+    assert out.shape == (6, 5, 6) and calls["forward_step"] == 6
+    out.backward(torch.ones(6, 6, 5).transpose(1, 2))  # non-contiguous on purpose
+    assert value.grad.eq(1).all() and locations.grad.eq(2).all() and weights.grad.eq(3).all()
+
+
+def test_cpu_benchmark_peer_rows_say_why_there_is_no_timing():
+    from benchmarks import bench_msda
+
+    label, thunk = bench_msda.tasks("cpu", quick=True)[-1]
+    rows = {r["backend"]: r for r in thunk()}
+    assert label == "msda peers" and set(rows) == {"original", "dcnv4"}
+    fetched = peers._wheel(peers.PEERS / "dist", "transformers-4.46.3") is not None
+    expected = "original CPU path raises: Not implemented on the CPU" if fetched else "run `make peers`"
+    assert expected in rows["original"]["status"]
