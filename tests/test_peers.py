@@ -126,3 +126,19 @@ def test_cpu_benchmark_peer_rows_say_why_there_is_no_timing():
     fetched = peers._wheel(peers.PEERS / "dist", "transformers-4.46.3") is not None
     expected = "original CPU path raises: Not implemented on the CPU" if fetched else "run `make peers`"
     assert expected in rows["original"]["status"]
+
+
+@pytest.mark.parametrize("backend", ["lap.lapjv-loop", "lapjv-loop"])
+def test_lapjv_rows_agree_with_scipy_cost(backend):
+    from benchmarks import bench_matcher
+
+    loop, reason = bench_matcher.lapjv_peers()[backend]
+    if loop is None:
+        assert reason == "not installed: run make peers"
+        pytest.skip(reason)
+    gen = torch.Generator().manual_seed(1)
+    for n, m in ((7, 7), (30, 11)):
+        cost = torch.rand(3, n, m, generator=gen)
+        ours, ref = loop(cost), bench_matcher.scipy_loop(cost)
+        assert (ours >= 0).sum() == 3 * m
+        assert bench_matcher.assignment_cost(cost, ours) == pytest.approx(bench_matcher.assignment_cost(cost, ref))
