@@ -77,7 +77,7 @@ bench-quick: setup
 
 peers: $(STAMP)
 	$(PY) -m benchmarks.peers fetch
-	-$(PY) -m pip install --no-index --find-links .peers/dist lap || echo "lap: not installed (no wheel in .peers/dist)"
+	-$(PY) -m pip install --no-index --find-links .peers/dist --no-build-isolation lap lapjv || echo "lap/lapjv: not installed (not in .peers/dist: run make peers where the registry is reachable)"
 	$(PY) -m benchmarks.peers status
 
 lint: $(STAMP)

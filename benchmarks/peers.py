@@ -132,18 +132,30 @@ def _load_original(cuda: bool, peers: Path):
     build.mkdir(parents=True, exist_ok=True)
     sources = [str(src / s) for s in (_SOURCES_CUDA if cuda else _SOURCES_CPU)]
     flags = ["-DWITH_CUDA"] if cuda else []
+    includes = [str(src), *(_cuda_wheel_includes() if cuda else [])]
     try:
         module = load(name, sources, extra_cflags=["-O3", *flags], extra_cuda_cflags=["-O3", *flags],
-                      extra_include_paths=[str(src)], build_directory=str(build), verbose=False)  # fmt: skip
+                      extra_include_paths=includes, build_directory=str(build), verbose=False)  # fmt: skip
     except Exception as exc:
         return None, f"build failed ({_first_error(str(exc))}); rerun `python -m benchmarks.peers build` for the log"
     return module, "ok"
 
 
+def _cuda_wheel_includes() -> list[str]:
+    """Include dirs of the CUDA library wheels (nvidia/*/include): torch's ATen/cuda headers include cusparse.h,
+    which a toolkit without the math libraries (and pip-installed torch) keeps there."""
+    try:
+        import nvidia  # type: ignore[import-not-found]
+    except ImportError:
+        return []
+    roots = [Path(p) for p in getattr(nvidia, "__path__", [])]
+    return sorted(str(d.parent) for root in roots for d in root.glob("*/include/cusparse.h"))
+
+
 def _first_error(text: str) -> str:
     """The compiler's first error line from a build exception (its first line is only the command)."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    errors = [line for line in lines if "error" in line.lower() and not line.startswith("[")]
+    errors = [line for line in lines if "error:" in line.lower()] or [line for line in lines if "error" in line.lower()]
     return (errors or lines or ["no output"])[0][:200]
 
 

@@ -142,3 +142,9 @@ def test_lapjv_rows_agree_with_scipy_cost(backend):
         ours, ref = loop(cost), bench_matcher.scipy_loop(cost)
         assert (ours >= 0).sum() == 3 * m
         assert bench_matcher.assignment_cost(cost, ours) == pytest.approx(bench_matcher.assignment_cost(cost, ref))
+
+
+def test_first_error_is_the_compiler_line_not_the_command():
+    text = "Error building extension 'x': [1/3] c++ -MMD foo.cpp\nfoo.h:10:10: fatal error: cusparse.h: No such file\n"
+    assert peers._first_error(text) == "foo.h:10:10: fatal error: cusparse.h: No such file"
+    assert peers._first_error("") == "no output"
