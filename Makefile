@@ -3,6 +3,8 @@
 #              capability (test-isa), and the CMake/libtorch build + ctest
 # make bench : setup, then the benchmarks on whatever device is present
 # make test-emulated : the long SIMT-emulator campaign (CUDA device code on the CPU; tests/simt/), ~30-40 min
+# make peers : peer kernels' published sources/wheels into the ignored .peers/ (needs the registry; idempotent),
+#              lap/lapjv into the venv as optional dev tools; benchmarks/peers.py builds them offline
 # make lint  : ruff format --check + ruff check + clang-format --dry-run (config: .clang-format)
 SHELL := /bin/bash
 PYTHON_BOOT ?= python3
@@ -17,7 +19,7 @@ export MAX_JOBS
 PYTEST_ARGS ?=
 CMAKE_BUILD := build/cmake
 
-.PHONY: setup build test test-py test-isa test-cmake test-emulated bench bench-quick lint format clean
+.PHONY: peers setup build test test-py test-isa test-cmake test-emulated bench bench-quick lint format clean
 
 setup: $(STAMP) build
 
@@ -74,6 +76,11 @@ bench: setup
 
 bench-quick: setup
 	$(PY) -m benchmarks --quick $(BENCH_ARGS)
+
+peers: $(STAMP)
+	$(PY) -m benchmarks.peers fetch
+	-$(PY) -m pip install --no-index --find-links .peers/dist --no-build-isolation lap lapjv || echo "lap/lapjv: not installed (not in .peers/dist: run make peers where the registry is reachable)"
+	$(PY) -m benchmarks.peers status
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check deformable_detr tests benchmarks experiments setup.py

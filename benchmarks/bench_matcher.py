@@ -42,6 +42,53 @@ def scipy_loop(cost: torch.Tensor) -> np.ndarray:
     return out
 
 
+def _lap_loop(solve):
+    """A per-problem loop over a CPU LAPJV ``solve(c) -> (cost, row_to_col)``, same output layout as scipy_loop."""
+
+    def loop(cost: torch.Tensor) -> np.ndarray:
+        c = cost.cpu().numpy().astype(np.float64)
+        out = np.full(c.shape[:2], -1, dtype=np.int64)
+        for b in range(c.shape[0]):
+            out[b] = solve(c[b])
+        return out
+
+    return loop
+
+
+def _lap_solve(c: np.ndarray) -> np.ndarray:
+    import lap
+
+    return lap.lapjv(c, extend_cost=True)[1]  # rows x cols; extend_cost pads the rectangular problem itself
+
+
+def _lapjv_solve(c: np.ndarray) -> np.ndarray:
+    import lapjv
+
+    n, m = c.shape  # square only: zero-cost dummy columns change no real column's optimal assignment
+    row_to_col = lapjv.lapjv(np.pad(c, ((0, 0), (0, n - m))))[0]
+    return np.where(row_to_col < m, row_to_col, -1)
+
+
+def lapjv_peers() -> dict[str, tuple[object | None, str]]:
+    """CPU LAPJV peers: backend -> (loop over problems or None, reason). Optional dev tools from `make peers`."""
+    out = {}
+    for backend, module, solve in (("lap.lapjv-loop", "lap", _lap_solve), ("lapjv-loop", "lapjv", _lapjv_solve)):
+        try:
+            __import__(module)
+        except ImportError:
+            out[backend] = (None, "not installed: run make peers")
+        else:
+            out[backend] = (_lap_loop(solve), "ok")
+    return out
+
+
+def assignment_cost(cost: torch.Tensor, row_to_col: np.ndarray) -> float:
+    """Total cost of a [B, N] row-to-column assignment (-1: unassigned row)."""
+    c = cost.cpu().double().numpy()
+    b, r = np.nonzero(row_to_col >= 0)
+    return float(c[b, r, row_to_col[b, r]].sum())
+
+
 def _peer():
     """torch-linear-assignment's batched solver when installed (the best public GPU solver), else None."""
     try:
@@ -65,6 +112,11 @@ def solver_rows(device: torch.device, quick: bool) -> list[dict]:
         fns = {"scipy-loop": lambda c=cost: scipy_loop(c), "batched": lambda c=cost: batched_linear_sum_assignment(c)}
         if peer is not None and device.type == "cuda":
             fns["torch_linear_assignment"] = lambda c=cost: peer(c)
+        lap_same = {}
+        for backend, (loop, _) in lapjv_peers().items():
+            if loop is not None:
+                fns[backend] = lambda c=cost, f=loop: f(c)
+                lap_same[backend] = bool((loop(cost) == scipy_loop(cost)).all())
         # The big CPU cases take seconds per call on 2 cores: fewer rounds, same interleaving.
         heavy = device.type == "cpu" and B * N * M > 5e6
         times = timing.time_interleaved(fns, device, warmup=1, reps=3 if heavy else 11, budget_s=10 if quick else 30)
@@ -86,7 +138,13 @@ def solver_rows(device: torch.device, quick: bool) -> list[dict]:
                 row["samples"] = t["samples"]
             if backend == "batched":
                 row["identical"] = identical
+            if backend in lap_same:
+                row["identical"] = lap_same[backend]
             rows.append(row)
+        for backend, (loop, reason) in lapjv_peers().items():
+            if loop is None:
+                rows.append({"suite": SUITE, "name": f"solver {name}", "backend": backend,
+                             "shape": f"{B}x{N}x{M}", "status": reason})  # fmt: skip
         if peer is None and device.type == "cuda":
             rows.append({"suite": SUITE, "name": f"solver {name}", "backend": "torch_linear_assignment",
                          "shape": f"{B}x{N}x{M}", "status": "not installed"})  # fmt: skip

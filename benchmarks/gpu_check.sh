@@ -20,7 +20,7 @@
 #   GPU_CHECK_SKIP_BUILD=1    never compile (a dry run on a machine whose in-place build others share)
 #   GPU_CHECK_DEADLINE        seconds the whole script may take (default 570: the device tool's 600 s per
 #                             command minus a margin); each stage's timeout is cut to what is left
-#   PEER_DIR                  wheels/sdists to install offline, e.g. a dcnv4 sdist (default: .peers if present)
+#   PEER_DIR                  wheels/sdists from `make peers` (default: .peers/dist if present)
 #   SANITIZER_TESTS           test files for compute-sanitizer (default: the MSDA CUDA and assignment tests)
 #   SANITIZER_K               pytest -k expression to keep the sanitized subset small (default: leaves out
 #                             torch.compile and opcheck tests, which mostly exercise the host under a slow tool)
@@ -98,18 +98,26 @@ else
 fi
 note "stages: $STAGES"
 
-# --- peers: offline installs of what the benchmark compares against (never required)
+# --- peers: offline installs of what the benchmark compares against (never required). `make peers` fills
+# .peers/dist on a machine with the registry; carry .peers/dist (about 11 MB) to the device, not .peers/build.
 PEER_DIR=${PEER_DIR:-}
-[[ -z $PEER_DIR && -d $ROOT/.peers ]] && PEER_DIR=$ROOT/.peers
+[[ -z $PEER_DIR && -d $ROOT/.peers/dist ]] && PEER_DIR=$ROOT/.peers/dist
 stage_peers() {
     if [[ -n $PEER_DIR ]] && compgen -G "$PEER_DIR/*" >/dev/null; then
-        # --target keeps the image's site-packages untouched; sdists (dcnv4) compile here against its torch.
+        # --target keeps the image's site-packages untouched; sdists (dcnv4, lapjv) compile here against its
+        # torch. The transformers wheel is not installed: benchmarks/peers.py builds the original op from it.
         mkdir -p /tmp/gpu_check_peers
         export PYTHONPATH=/tmp/gpu_check_peers${PYTHONPATH:+:$PYTHONPATH}
+        local installs=()
+        for f in "$PEER_DIR"/*; do [[ $(basename "$f") == transformers-* ]] || installs+=("$f"); done
         run_stage peers 300 "$PY" -m pip install --no-index --no-build-isolation --no-deps \
-            --target /tmp/gpu_check_peers "$PEER_DIR"/*
+            --target /tmp/gpu_check_peers "${installs[@]}"
+        # The original Deformable-DETR op (as HF transformers ships it), JIT-built into .peers/build.
+        DEFORMABLE_DETR_PEERS=$(dirname "$PEER_DIR")
+        export DEFORMABLE_DETR_PEERS  # the bench stage loads the same build
+        run_stage original 240 "$PY" -m benchmarks.peers build
     else
-        note "$(printf '%-12s skipped   (no PEER_DIR / .peers: peers will read "not installed")' peers)"
+        note "$(printf '%-12s skipped   (no PEER_DIR / .peers/dist: run make peers; peers will read "not installed")' peers)"
     fi
 }
 

@@ -5,7 +5,7 @@ A result row is a plain dict. Keys every suite should fill (missing ones render 
 "train" ...), ``time_ms`` (median), ``speedup`` (vs the suite's baseline backend in the same case), ``status``
 ("ok", "not installed", "not available: <why>", "failed: <why>"). Optional: ``time_p25_ms``, ``time_p75_ms``,
 ``samples``, ``peak_mem_mib``, ``bytes``, ``gbps``, ``x_floor``, ``max_err`` (largest absolute output error),
-``grad_rel_err`` (largest gradient error ÷ largest reference gradient), ``throughput`` + ``unit``, ``note``.
+``grad_norm_err`` (worst over the gradients of ‖g − g64‖₂ ÷ ‖g64‖₂, g64 the float64 reference gradient), ``throughput`` + ``unit``, ``note``.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ _COLUMNS = [
     ("gbps", "GB/s", "{:.0f}"),
     ("x_floor", "× floor", "{:.2f}"),
     ("max_err", "max err", "{:.1e}"),
-    ("grad_rel_err", "grad rel err", "{:.1e}"),
+    ("grad_norm_err", "grad norm err", "{:.1e}"),
     ("status", "status", "{}"),
 ]
 

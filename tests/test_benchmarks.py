@@ -83,9 +83,22 @@ def test_run_case_rows_speedups_and_errors():
         if r["pass"] == "fwd":
             assert r["max_err"] < 1e-5
         else:
-            assert r["grad_rel_err"] < 1e-5
+            assert r["grad_norm_err"] < 1e-5
         other = next(x for x in ref if x["pass"] == r["pass"])
         assert r["speedup"] == pytest.approx(other["time_ms"] / r["time_ms"])
+
+
+def test_grad_error_is_norm_wise_per_gradient_worst_of_them():
+    # One element of 10^4 off by the largest element's size: element-wise max/max would read 1.0, norm-wise 0.01.
+    oracle = torch.ones(10_000, dtype=torch.float64)
+    one_off = oracle.clone()
+    one_off[3] += 1.0
+    assert bench_msda.norm_error(one_off.float(), oracle) == pytest.approx(0.01, rel=1e-9)
+    assert bench_msda.norm_error(oracle.float(), oracle) == 0.0
+    uniform = {"value": oracle * 1.001, "sampling_locations": one_off, "attention_weights": None}
+    oracles = {"value": oracle, "sampling_locations": oracle, "attention_weights": oracle}
+    assert bench_msda._grad_norm_error(lambda: uniform, oracles) == pytest.approx(0.01, rel=1e-6)
+    assert bench_msda._grad_norm_error(lambda: 1 / 0, oracles) is None
 
 
 def test_add_speedups_matches_on_case_keys():
@@ -187,7 +200,7 @@ def test_deterministic_variant_sets_and_restores_the_flag():
     call()
     assert seen == [True] and torch.are_deterministic_algorithms_enabled() == before
     inputs = bench_msda.make_inputs(TINY, torch.float32, "cpu")
-    _, check = bench_msda._callables("pytorch-deterministic", inputs, TINY, "fwd+bwd", None)
+    _, check = bench_msda._callables("pytorch-deterministic", inputs, TINY, "fwd+bwd", {})
     assert set(check()) == {"value", "sampling_locations", "attention_weights"}
 
 
