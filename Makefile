@@ -2,6 +2,8 @@
 # make test  : setup, then pytest (CPU; GPU tests skip without CUDA), the rounding-sensitive subset under each lower CPU
 #              capability (test-isa), and the CMake/libtorch build + ctest
 # make bench : setup, then the benchmarks on whatever device is present
+# make test-slow : the tests marked slow (whole detectors through ONNX export + onnxruntime, 1-3 min each), left
+#              out of make test
 # make test-emulated : the long SIMT-emulator campaign (CUDA device code on the CPU; tests/simt/), ~30-40 min
 # make peers : peer kernels' published sources/wheels into the ignored .peers/ (needs the registry; idempotent),
 #              lap/lapjv into the venv as optional dev tools; benchmarks/peers.py builds them offline
@@ -17,9 +19,11 @@ export CUDA_HOME
 MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 export MAX_JOBS
 PYTEST_ARGS ?=
+# make test leaves out the slow tier (make test-slow runs it); PYTEST_MARK= runs everything.
+PYTEST_MARK ?= not slow
 CMAKE_BUILD := build/cmake
 
-.PHONY: peers setup build test test-py test-isa test-cmake test-emulated bench bench-quick lint format clean
+.PHONY: peers setup build test test-py test-isa test-slow test-cmake test-emulated bench bench-quick lint format clean
 
 setup: $(STAMP) build
 
@@ -41,7 +45,11 @@ test: setup test-py test-isa test-cmake
 # on ATEN_CPU_CAPABILITY, and an entry written under another capability compiled wrong (AVX-512 code in a default
 # build fails to compile; default-capability entries reused at AVX-512 gave wrong numbers in test_msda_nan).
 test-py:
-	TORCHINDUCTOR_CACHE_DIR=$(abspath build)/inductor-cache-$${ATEN_CPU_CAPABILITY:-best} $(PY) -m pytest -q $(PYTEST_ARGS)
+	TORCHINDUCTOR_CACHE_DIR=$(abspath build)/inductor-cache-$${ATEN_CPU_CAPABILITY:-best} $(PY) -m pytest -q $(if $(PYTEST_MARK),-m "$(PYTEST_MARK)") $(PYTEST_ARGS)
+
+# The slow tier (tests marked slow: full-detector ONNX export and onnxruntime at several sizes, ~2-3 min each).
+test-slow: setup
+	TORCHINDUCTOR_CACHE_DIR=$(abspath build)/inductor-cache-$${ATEN_CPU_CAPABILITY:-best} $(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 # The tests whose numbers depend on float rounding (models, criterion, matcher, the CPU kernels, inductor-compiled
 # code) once more under each CPU capability below the best this machine runs (test-py ran them at the best):
